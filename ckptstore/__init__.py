@@ -1,0 +1,48 @@
+"""ckptstore: save and restore PyTorch training state on any fsspec store.
+
+Example:
+    >>> import torch, ckptstore
+    >>> mgr = ckptstore.CheckpointManager("memory://doc/init", keep_last=3)
+    >>> _ = mgr.save({"model": torch.nn.Linear(2, 2), "epoch": 0}, step=0)
+    >>> [c.step for c in mgr.checkpoints()]
+    [0]
+"""
+
+from .errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    CkptStoreError,
+    ConfigError,
+    CorruptCheckpointError,
+    InvalidNameError,
+    MissingDependency,
+    StateMismatchError,
+    StorageError,
+    UnsafeCheckpointError,
+    UnsupportedValueError,
+)
+from .files import load, save
+from .manager import CheckpointManager
+from .manifest import CheckpointInfo
+from .rng import RNGState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "RNGState",
+    "load",
+    "save",
+    "CheckpointExists",
+    "CheckpointNotFound",
+    "CkptStoreError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "InvalidNameError",
+    "MissingDependency",
+    "StateMismatchError",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
+]

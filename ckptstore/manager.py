@@ -1,0 +1,247 @@
+"""CheckpointManager: save, list, restore and prune checkpoints under one root URL.
+
+Orchestration only: the commit protocol lives in :mod:`ckptstore.commit`, the policy in
+:mod:`ckptstore.retention`, formats in :mod:`ckptstore.serializers`. The manager keeps no
+memory of past saves: every decision is made from what the root holds, so a restarted job
+(a new process, a new machine) continues exactly where the old one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Union
+
+import torch
+
+from . import commit, retention
+from .errors import CheckpointExists, CheckpointNotFound, ConfigError, CorruptCheckpointError, InvalidNameError
+from .inplace import restore_into
+from .manifest import CheckpointInfo
+from .serializers import ChecksumWriter, MapLocation, format_for_path, get_format
+from .storage import check_relative_path, open_storage
+from .tree import canonicalize
+
+log = logging.getLogger("ckptstore")
+
+Which = Union[str, int]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class CheckpointManager:
+    """Keep the last N and best K checkpoints of a training run under any fsspec URL.
+
+    Args:
+        root: folder or URL (``/runs/exp1``, ``file://``, ``memory://``, ``s3://b/p``, ``gs://b/p``).
+        keep_last: keep the newest N by step; ``None`` keeps all.
+        keep_best: keep the best K by ``monitor`` as well.
+        monitor: metric name that ranks checkpoints (``metrics`` passed to :meth:`save`).
+        mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
+        format: ``"safetensors"`` (default) or ``"torch"``.
+        storage_options: passed to fsspec as-is (credentials, endpoint, ...).
+        export_best: optional file name (``model_best.safetensors`` or ``.pt``) under the root,
+            atomically replaced with the weights of ``state[export_key]`` on every new best.
+        export_key: the state entry ``export_best`` exports.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> mgr = CheckpointManager("memory://doc/manager", keep_last=2)
+        >>> mgr.save({"model": model, "epoch": 1}, step=1).name
+        'step_00000001'
+        >>> mgr.restore({"model": model})
+        {'epoch': 1}
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int = 0,
+        monitor: str | None = None,
+        mode: str = "min",
+        format: str = "safetensors",
+        storage_options: dict[str, Any] | None = None,
+        export_best: str | None = None,
+        export_key: str = "model",
+    ) -> None:
+        self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
+        self.format = get_format(format)
+        if export_best is not None:
+            check_relative_path(export_best)
+            if "/" in export_best or not export_best.endswith((".safetensors", ".pt", ".pth")):
+                raise ConfigError(f"`export_best` must be a file name ending in .safetensors, .pt or .pth, got {export_best!r}")
+        self.export_best, self.export_key = export_best, export_key
+        self.storage = open_storage(root, storage_options)
+        self.storage.check_bucket()
+
+    @property
+    def root(self) -> str:
+        """The root URL."""
+        return self.storage.url()
+
+    # -- listing --------------------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return commit.scan(self.storage).committed
+
+    def latest(self) -> CheckpointInfo | None:
+        """The committed checkpoint with the highest step, or None."""
+        infos = self.checkpoints()
+        return infos[-1] if infos else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best committed checkpoint by ``monitor`` (None without monitor or metrics)."""
+        if not self.policy.monitor:
+            return None
+        ranked = retention.ranked_best(self.checkpoints(), self.policy.monitor, self.policy.mode)
+        return ranked[0] if ranked else None
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(
+        self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *, name: str | None = None
+    ) -> CheckpointInfo:
+        """Save ``state`` as the checkpoint of ``step``, commit it, then apply retention.
+
+        Raises:
+            CheckpointExists: ``step`` (or ``name``) is already committed.
+            UnsupportedValueError: a value in ``state`` cannot be stored without pickle.
+            StorageError: the store refused the write; earlier checkpoints are intact.
+        """
+        if type(step) is not int or step < 0:
+            raise ConfigError(f"`step` must be an int >= 0, got {step!r}")
+        name = self._check_name(name or f"step_{step:08d}")
+        values = {k: float(v) for k, v in (metrics or {}).items()}
+        tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
+        self.storage.makedirs()
+        found = commit.scan(self.storage)
+        clash = next((i for i in found.committed if i.step == step or i.name == name), None)
+        if clash is not None:
+            raise CheckpointExists(
+                f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
+            )
+        commit.clean_abandoned(self.storage, found)
+        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
+        log.info("saved %s (%d bytes)", info.url, info.size)
+        committed = [*found.committed, info]
+        keep = retention.to_keep(committed, self.policy)
+        for old in committed:
+            if old.name not in keep:
+                commit.delete_checkpoint(self.storage, old.name)
+                log.info("pruned %s", old.url)
+        if self.export_best and self._is_best(info, committed):
+            self._export(tree, info)
+        return info
+
+    def prune(self) -> list[CheckpointInfo]:
+        """Apply the retention policy to what is stored now; return what was deleted."""
+        found = commit.scan(self.storage)
+        commit.clean_abandoned(self.storage, found)
+        keep = retention.to_keep(found.committed, self.policy)
+        doomed = [i for i in found.committed if i.name not in keep]
+        for info in doomed:
+            commit.delete_checkpoint(self.storage, info.name)
+            log.info("pruned %s", info.url)
+        return doomed
+
+    def delete(self, which: Which) -> CheckpointInfo:
+        """Delete one committed checkpoint (by step or name); return what it was."""
+        info = self._find(which, self.checkpoints())
+        commit.delete_checkpoint(self.storage, info.name)
+        return info
+
+    # -- restoring ------------------------------------------------------------------------
+    def restore(
+        self,
+        state: dict[str, Any] | None = None,
+        which: Which = "latest",
+        *,
+        map_location: MapLocation = None,
+        weights_only: bool = True,
+        verify: bool = True,
+    ) -> dict[str, Any] | None:
+        """Restore a checkpoint into ``state`` in place; return the other saved values.
+
+        Stateful entries (modules, optimizers, schedulers, :class:`RNGState`) get
+        ``load_state_dict``; tensors are filled with ``copy_``. The returned dict holds
+        everything else that was saved. Returns None when the root has no checkpoint.
+
+        ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
+        warning), ``"best"``, a step number or a checkpoint name.
+        """
+        infos = self.checkpoints()
+        if not infos:
+            return None
+        if which == "latest":
+            loaded, info = self._read_newest_good(infos, map_location, weights_only, verify)
+        else:
+            info = self._find(which, infos)
+            loaded = commit.read_checkpoint(self.storage, info, map_location=map_location, weights_only=weights_only, verify=verify)
+        if not isinstance(loaded, dict):
+            raise CorruptCheckpointError(f"{info.url} holds a {type(loaded).__name__}, not a state dict")
+        log.info("restored %s", info.url)
+        return restore_into(state, loaded)
+
+    def _read_newest_good(
+        self, infos: list[CheckpointInfo], map_location: MapLocation, weights_only: bool, verify: bool
+    ) -> tuple[Any, CheckpointInfo]:
+        errors = []
+        for info in retention.newest_first(infos):
+            try:
+                tree = commit.read_checkpoint(self.storage, info, map_location=map_location, weights_only=weights_only, verify=verify)
+                return tree, info
+            except CorruptCheckpointError as err:
+                log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, err)
+                errors.append(str(err))
+        raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(errors))
+
+    # -- helpers --------------------------------------------------------------------------
+    def _find(self, which: Which, infos: list[CheckpointInfo]) -> CheckpointInfo:
+        if which == "best":
+            found = self.best()
+            if found is None:
+                raise CheckpointNotFound(
+                    f"no checkpoint under {self.root} has a finite `{self.policy.monitor}`; "
+                    "pass monitor= and save metrics, or restore 'latest'"
+                )
+            return found
+        if isinstance(which, int) and not isinstance(which, bool):
+            match = [i for i in infos if i.step == which]
+        elif isinstance(which, str):
+            match = [i for i in infos if i.name == self._check_name(which)]
+        else:
+            raise ConfigError(f"`which` must be 'latest', 'best', a step or a name, got {which!r}")
+        if not match:
+            known = ", ".join(str(i.step) for i in infos) or "none"
+            raise CheckpointNotFound(f"no committed checkpoint {which!r} under {self.root} (steps: {known})")
+        return match[-1]
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        check_relative_path(name)
+        if not _NAME.match(name) or name.endswith((".tmp", ".json")):
+            raise InvalidNameError(
+                f"checkpoint name {name!r} must be one path segment of letters, digits, '.', '_' or '-' "
+                "(no '/', '..', URL scheme or leading dot), like 'step_00000010'"
+            )
+        return name
+
+    def _is_best(self, info: CheckpointInfo, committed: list[CheckpointInfo]) -> bool:
+        monitor = self.policy.monitor
+        ranked = retention.ranked_best(committed, monitor, self.policy.mode) if monitor else []
+        return bool(ranked) and ranked[0].name == info.name
+
+    def _export(self, tree: dict[str, Any], info: CheckpointInfo) -> None:
+        weights = tree.get(self.export_key)
+        if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+            raise ConfigError(
+                f"export_best exports state[{self.export_key!r}], which must be a module or a dict of tensors; "
+                "set export_key to your model's entry"
+            )
+        assert self.export_best is not None
+        fmt = format_for_path(self.export_best)
+        with self.storage.open_write(self.export_best) as raw:
+            fmt.write_plain(weights, ChecksumWriter(raw))
+        log.info("exported best (%s, step %d) to %s", self.policy.monitor, info.step, self.storage.url(self.export_best))

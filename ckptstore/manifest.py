@@ -1,0 +1,113 @@
+"""The manifest: a checkpoint's commit marker and its description, as frozen dataclasses.
+
+``<name>/manifest.json`` is written last; a checkpoint exists iff it does. It lists every
+data file with its size and CRC32C, so a reader can tell a whole checkpoint from a damaged
+one. Non-finite metrics are stored as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so that
+the file is strict JSON any tool can read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import CorruptCheckpointError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A data file of a checkpoint, relative to the checkpoint's folder."""
+
+    path: str
+    size: int
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a committed checkpoint is: read from its manifest.
+
+    Example:
+        >>> info = CheckpointInfo(name="step_00000003", step=3, format="safetensors")
+        >>> CheckpointInfo.from_json(info.to_json(), url="memory://r/step_00000003").step
+        3
+    """
+
+    name: str
+    step: int
+    format: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    files: tuple[FileEntry, ...] = ()
+    created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    url: str = ""
+
+    @property
+    def size(self) -> int:
+        """Bytes in all data files."""
+        return sum(f.size for f in self.files)
+
+    def metric(self, name: str) -> float | None:
+        """The metric ``name`` if it is a finite number, else None (never "best")."""
+        value = self.metrics.get(name)
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    def to_json(self) -> bytes:
+        doc = {
+            "manifest_version": MANIFEST_VERSION,
+            "name": self.name,
+            "step": self.step,
+            "format": self.format,
+            "created": self.created.isoformat(),
+            "metrics": {k: _encode_metric(v) for k, v in self.metrics.items()},
+            "files": [{"path": f.path, "size": f.size, "crc32c": f"{f.crc32c:08x}"} for f in self.files],
+        }
+        return json.dumps(doc, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, url: str) -> CheckpointInfo:
+        """Parse a manifest; raise :class:`CorruptCheckpointError` naming ``url`` if it is bad."""
+        try:
+            doc = json.loads(data)
+            if doc.get("manifest_version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported manifest_version {doc.get('manifest_version')!r}")
+            return cls(
+                name=str(doc["name"]),
+                step=_int(doc["step"]),
+                format=str(doc["format"]),
+                metrics={str(k): _decode_metric(v) for k, v in doc["metrics"].items()},
+                files=tuple(
+                    FileEntry(str(f["path"]), _int(f["size"]), int(f["crc32c"], 16)) for f in doc["files"]
+                ),
+                created=datetime.fromisoformat(doc["created"]),
+                url=url,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptCheckpointError(f"{url}/{MANIFEST_NAME} is not a valid manifest: {err!r}") from err
+
+    def with_url(self, url: str) -> CheckpointInfo:
+        return replace(self, url=url)
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _encode_metric(value: float) -> float | str:
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)
+
+
+def _decode_metric(value: Any) -> float:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {value!r} is not a number")
+    return float(value)

@@ -1,0 +1,328 @@
+"""Storage: a handful of operations over one fsspec filesystem and a root.
+
+This is the only module that imports fsspec and the only one that knows one store from
+another. Everything above it speaks relative paths (``"step_00000010/manifest.json"``) and
+asks questions ("can this store rename atomically?") instead of checking URL schemes.
+
+Decisions:
+
+* **Ranges are half-open ``[start, end)``**, as in fsspec's ``cat_file``.
+* **Writes are streamed and all-or-nothing.** ``open_write`` hands out a file object; the
+  object becomes visible under its final name only when the ``with`` block exits cleanly.
+  On a local disk that is a same-folder temp file, ``fsync``, ``os.replace`` and an
+  ``fsync`` of the folder. On object stores it is fsspec's ``autocommit=False`` file: the
+  single PUT or the multipart-complete happens at commit, and an exception aborts the upload.
+* **Create-only writes** (``write_new``) are the commit primitive. Local disks use
+  ``os.link`` of an fsynced temp file (fails if the name exists, atomically). s3fs sends
+  ``If-None-Match: *``; other stores fall back to fsspec's check-then-write.
+* **Errors** from the store become :class:`StorageError` (or :class:`CheckpointNotFound` for
+  a missing object) with the URL and a hint, raised ``from`` the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
+
+_EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FsspecStorage:
+    """Return the :class:`FsspecStorage` rooted at ``url``.
+
+    Example:
+        >>> store = open_storage("memory://doc/open_storage")
+        >>> store.url("a.bin")
+        'memory://doc/open_storage/a.bin'
+    """
+    url = os.fspath(url)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as err:
+        protocol = url.split("://", 1)[0]
+        extra = _EXTRA_FOR_PROTOCOL.get(protocol, protocol)
+        raise MissingDependency(
+            f"cannot open {url}: {err}. Install it with: pip install 'ckptstore[{extra}]'"
+        ) from err
+    except ValueError as err:
+        raise StorageError(f"cannot open {url}: {err}") from err
+    return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a plain relative path below the root, else raise.
+
+    Rejects ``..`` segments, absolute paths, URL schemes, backslashes and empty segments.
+
+    Example:
+        >>> check_relative_path("step_00000010/manifest.json")
+        'step_00000010/manifest.json'
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidNameError(f"path {path!r} must be a non-empty string")
+    bad = (
+        "://" in path
+        or path.startswith(("/", "~"))
+        or "\\" in path
+        or "\x00" in path
+        or (len(path) > 1 and path[1] == ":")
+    )
+    segments = path.split("/")
+    if bad or any(seg in ("", ".", "..") for seg in segments):
+        raise InvalidNameError(
+            f"path {path!r} must be relative to the checkpoint root, without '..', "
+            "a leading '/', a URL scheme or empty segments; use a plain name like 'step_00000010'"
+        )
+    return path
+
+
+class FsspecStorage:
+    """Relative-path storage over one fsspec filesystem.
+
+    Args:
+        fs: any fsspec filesystem.
+        root: the root inside ``fs`` (as ``url_to_fs`` returns it).
+        url: the root as the user wrote it, for messages.
+
+    Example:
+        >>> store = open_storage("memory://doc/storage")
+        >>> store.write_new("x.txt", b"hello")
+        >>> store.read("x.txt", 1, 3)
+        b'el'
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, url: str) -> None:
+        self.fs = fs
+        self.root = root
+        self.root_url = url
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    # -- capabilities -------------------------------------------------------------------
+    @property
+    def can_rename_atomically(self) -> bool:
+        """True where rename is a metadata operation (local disks), not copy + delete."""
+        return self.is_local
+
+    def local_path(self, path: str) -> str | None:
+        """The OS path of ``path`` on a local disk, else None (for mmap and ``pread``)."""
+        return self._full(path) if self.is_local else None
+
+    # -- paths ----------------------------------------------------------------------------
+    def _full(self, path: str) -> str:
+        return f"{self.root}/{check_relative_path(path)}" if path else self.root
+
+    def url(self, path: str = "") -> str:
+        """The URL of ``path`` under the root, for messages and ``CheckpointInfo.url``."""
+        return f"{self.root_url}/{check_relative_path(path)}" if path else self.root_url
+
+    # -- reads ----------------------------------------------------------------------------
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Read ``path``, or its half-open byte range ``[start, end)``."""
+        with self._errors("read", path):
+            return bytes(self.fs.cat_file(self._full(path), start=start, end=end))
+
+    def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read several half-open ranges of one file, concurrently where the store can."""
+        if not ranges:
+            return []
+        full = self._full(path)
+        with self._errors("read", path):
+            chunks = self.fs.cat_ranges(
+                [full] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges], on_error="raise"
+            )
+        for (start, end), chunk in zip(ranges, chunks):
+            if len(chunk) != end - start:
+                raise StorageError(
+                    f"read {len(chunk)} bytes for [{start}, {end}) from {self.url(path)}: "
+                    "the file is shorter than expected"
+                )
+        return [bytes(c) for c in chunks]
+
+    @contextlib.contextmanager
+    def open_read(self, path: str) -> Iterator[IO[bytes]]:
+        """A seekable binary file object for ``path``."""
+        with self._errors("read", path), self.fs.open(self._full(path), "rb") as f:
+            yield f
+
+    def size(self, path: str) -> int:
+        """Size of ``path`` in bytes."""
+        with self._errors("read", path):
+            return int(self.fs.size(self._full(path)))
+
+    def exists(self, path: str) -> bool:
+        """True if the file ``path`` exists."""
+        with self._errors("read", path):
+            return bool(self.fs.exists(self._full(path)))
+
+    def list_dir(self, path: str = "") -> list[str]:
+        """Names of the direct children (files and folders) of ``path``; [] if absent."""
+        full = self._full(path)
+        self.fs.invalidate_cache(full)  # object-store listings are cached by fsspec
+        try:
+            with self._errors("list", path):
+                entries = self.fs.ls(full, detail=False)
+        except CheckpointNotFound:
+            return []
+        prefix = full.rstrip("/") + "/"
+        names = {e.rstrip("/")[len(prefix):] for e in entries if e.rstrip("/").startswith(prefix)}
+        return sorted(n for n in names if n and "/" not in n)
+
+    def list_files(self) -> list[str]:
+        """Every file below the root, as relative paths, in one listing where the store can."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            with self._errors("list", ""):
+                found = self.fs.find(self.root)
+        except CheckpointNotFound:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+    def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
+        """Read several whole small files, concurrently where the store can."""
+        if not paths:
+            return {}
+        full = {self._full(p): p for p in paths}
+        with self._errors("read", paths[0]):
+            data = self.fs.cat(list(full), on_error="raise")
+        return {full[k]: bytes(v) for k, v in data.items()}
+
+    # -- writes ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        """Stream bytes to ``path``; it appears, whole, only when the block exits cleanly."""
+        full = self._full(path)
+        with self._errors("write", path):
+            if self.is_local:
+                with _local_atomic_file(full) as f:
+                    yield f
+                return
+            f = self.fs.open(full, "wb", autocommit=False)
+            try:
+                yield f
+            except BaseException:
+                f.discard()
+                f.closed = True  # stop fsspec's __del__ from committing a partial upload
+                raise
+            f.close()
+            f.commit()
+
+    def write_new(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data``; raise FileExistsError if it already exists."""
+        full = self._full(path)
+        with self._errors("write", path):
+            if self.is_local:
+                _local_create_only(full, data)
+            else:
+                self.fs.pipe_file(full, data, mode="create")
+
+    def delete(self, path: str) -> None:
+        """Delete the file or folder ``path`` (recursively); absent paths are fine."""
+        full = self._full(path)
+        with self._errors("delete", path):
+            try:
+                self.fs.rm(full, recursive=True)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(full)
+
+    def check_bucket(self) -> None:
+        """Raise StorageError now if the root's bucket is missing (stores with buckets only)."""
+        split_path = getattr(self.fs, "split_path", None)  # s3fs and gcsfs: bucket/key stores
+        if self.is_local or split_path is None:
+            return
+        bucket = split_path(self.root)[0]
+        with self._errors("read", ""):
+            found = self.fs.exists(bucket)
+        if not found:
+            raise StorageError(
+                f"bucket {bucket!r} of {self.root_url} does not exist or these credentials cannot see it; "
+                "create it or fix the URL / credentials"
+            )
+
+    def makedirs(self) -> None:
+        """Create the root folder on a local disk (object stores have no folders)."""
+        if self.is_local:
+            with self._errors("write", ""):
+                os.makedirs(self.root, exist_ok=True)
+
+    # -- errors ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, op: str, path: str) -> Iterator[None]:
+        where = self.url(path)
+        try:
+            yield
+        except (CheckpointNotFound, StorageError, FileExistsError):
+            raise
+        except FileNotFoundError as err:
+            if op == "read":
+                raise CheckpointNotFound(f"{where} does not exist") from err
+            raise StorageError(
+                f"cannot {op} {where}: the bucket or parent folder does not exist ({err}); "
+                "create it or fix the URL"
+            ) from err
+        except PermissionError as err:
+            raise StorageError(
+                f"cannot {op} {where}: access denied ({err}); check the credentials "
+                "(environment or storage_options) and the bucket policy"
+            ) from err
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageError(
+                    f"cannot {op} {where}: no space left on the device; free space or "
+                    "lower keep_last. Earlier checkpoints are intact."
+                ) from err
+            raise StorageError(f"cannot {op} {where}: {err}") from err
+
+
+@contextlib.contextmanager
+def _local_atomic_file(final_path: str) -> Iterator[IO[bytes]]:
+    """Write a same-folder temp file, fsync it, rename it into place, fsync the folder."""
+    folder = os.path.dirname(final_path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _local_create_only(final_path: str, data: bytes) -> None:
+    """Atomically create ``final_path``; ``os.link`` refuses an existing name."""
+    folder = os.path.dirname(final_path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, final_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
