@@ -60,7 +60,7 @@ def canonicalize(value: Any, path: str = "state") -> Any:
                 "materialise it (e.g. module.to_empty(device='cpu') and initialise it) first"
             )
         return value
-    if isinstance(value, _SCALARS):
+    if type(value) in _SCALARS:
         return value
     if isinstance(value, dict):
         for k in value:
@@ -74,6 +74,9 @@ def canonicalize(value: Any, path: str = "state") -> Any:
     numpy_value = _from_numpy(value, path)
     if numpy_value is not None:
         return numpy_value
+    for base in (bool, int, float, str, bytes):  # IntEnum, str enums, ...: keep the plain value
+        if isinstance(value, base):
+            return base(value)
     raise UnsupportedValueError(
         f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot "
         "hold without pickle. Store tensors, numbers, strings, bytes, None and dicts/lists/tuples "
