@@ -171,6 +171,8 @@ class CheckpointManager:
         ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
         warning), ``"best"``, a step number or a checkpoint name.
         """
+        if isinstance(which, str) and which not in ("latest", "best"):
+            self._check_name(which)
         infos = self.checkpoints()
         if not infos:
             return None

@@ -1,0 +1,198 @@
+"""CheckpointManager on every store: listing, retention, commit visibility, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptstore
+from ckptstore import (
+    CheckpointExists,
+    CheckpointManager,
+    CheckpointNotFound,
+    ConfigError,
+    InvalidNameError,
+    UnsupportedValueError,
+)
+from ckptstore.storage import open_storage
+
+FORMATS = ["safetensors", "torch"]
+
+
+def manager(store, **kwargs):
+    return CheckpointManager(store.url, storage_options=store.storage_options, **kwargs)
+
+
+def training_state(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    return {"model": model, "optimizer": opt, "scheduler": sched}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_save_list_restore(store, fmt):
+    mgr = manager(store, format=fmt, monitor="val_loss")
+    assert mgr.checkpoints() == [] and mgr.latest() is None and mgr.best() is None
+    assert mgr.restore(training_state()) is None  # nothing saved: start fresh
+
+    state = training_state(seed=1)
+    buffer = torch.zeros(3)
+    info = mgr.save({**state, "epoch": 4, "loss_train": [0.5, 0.25], "buf": torch.arange(3.0)}, step=4,
+                    metrics={"val_loss": torch.tensor(0.125)})
+    assert (info.name, info.step, info.format, info.metrics) == ("step_00000004", 4, fmt, {"val_loss": 0.125})
+    assert info.url == f"{store.url}/step_00000004"
+    storage = open_storage(store.url, store.storage_options)
+    assert info.size == storage.size(f"{info.name}/{info.files[0].path}") > 0
+    assert info.created.tzinfo is not None
+
+    [listed] = mgr.checkpoints()
+    assert listed == info and mgr.latest() == info and mgr.best() == info
+
+    target = training_state(seed=2)
+    values = mgr.restore({**target, "buf": buffer}, map_location="cpu")
+    assert values == {"epoch": 4, "loss_train": [0.5, 0.25]}
+    assert torch.equal(buffer, torch.arange(3.0))  # filled in place
+    for a, b in zip(target["model"].parameters(), state["model"].parameters()):
+        assert torch.equal(a, b)
+    assert target["scheduler"].state_dict() == state["scheduler"].state_dict()
+    torch.testing.assert_close(target["optimizer"].state_dict(), state["optimizer"].state_dict(), rtol=0, atol=0)
+
+
+def test_restore_returns_entries_the_target_did_not_ask_for(store):
+    mgr = manager(store)
+    state = training_state()
+    mgr.save({**state, "extra": {"note": "hi", "w": torch.ones(2)}}, step=0)
+    values = mgr.restore({"model": training_state(seed=3)["model"]})
+    assert set(values) == {"optimizer", "scheduler", "extra"}
+    assert values["extra"]["note"] == "hi" and torch.equal(values["extra"]["w"], torch.ones(2))
+
+
+def test_retention_keeps_last_and_best_and_continues_in_a_new_manager(store):
+    mgr = manager(store, keep_last=2, keep_best=1, monitor="val_loss", mode="min")
+    losses = [0.9, 0.2, 0.5, float("nan"), 0.7, 0.6]
+    state = training_state()
+    for step, loss in enumerate(losses[:4]):
+        mgr.save(state, step=step, metrics={"val_loss": loss})
+    assert [c.step for c in mgr.checkpoints()] == [1, 2, 3]
+    assert mgr.best().step == 1  # NaN is never best
+    again = manager(store, keep_last=2, keep_best=1, monitor="val_loss", mode="min")
+    for step, loss in enumerate(losses[4:], start=4):
+        again.save(state, step=step, metrics={"val_loss": loss})
+    assert [c.step for c in again.checkpoints()] == [1, 4, 5]
+    assert again.restore(training_state(), which="best") == {}
+    with pytest.raises(CheckpointNotFound, match="no committed checkpoint 2"):
+        again.restore(training_state(), which=2)
+
+
+def test_newest_is_kept_even_when_it_is_the_worst(store):
+    mgr = manager(store, keep_last=1, keep_best=1, monitor="acc", mode="max")
+    mgr.save({"x": 1}, step=0, metrics={"acc": 0.9})
+    mgr.save({"x": 2}, step=1, metrics={"acc": 0.1})
+    assert [c.step for c in mgr.checkpoints()] == [0, 1]
+    assert mgr.restore() == {"x": 2}
+    assert mgr.restore(which="best") == {"x": 1}
+    assert mgr.restore(which="step_00000000") == {"x": 1}
+
+
+@pytest.mark.parametrize("export", ["model_best.safetensors", "model_best.pt"])
+def test_export_best_is_a_stock_loadable_copy_of_the_best_weights(store, tmp_path, export):
+    mgr = manager(store, keep_last=1, monitor="val_loss", export_best=export)
+    good, bad = training_state(seed=1), training_state(seed=2)
+    mgr.save(good, step=0, metrics={"val_loss": 0.1})
+    mgr.save(bad, step=1, metrics={"val_loss": 0.9})  # not best: the export keeps step 0's weights
+    local = tmp_path / export
+    local.write_bytes(open_storage(store.url, store.storage_options).read(export))
+    weights = load_file(str(local)) if export.endswith(".safetensors") else torch.load(local, weights_only=True)
+    expected = good["model"].state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_uncommitted_folders_are_invisible_and_cleaned_by_the_next_save(store):
+    mgr = manager(store)
+    mgr.save({"x": 0}, step=0)
+    storage = open_storage(store.url, store.storage_options)
+    with storage.open_write("step_00000001/state-0123abcd.safetensors") as f:  # a save killed before its manifest
+        f.write(b"half a checkpoint")
+    with storage.open_write("tensorboard/events.out") as f:  # someone else's files share the root
+        f.write(b"not ours")
+    assert [c.step for c in mgr.checkpoints()] == [0]
+    assert mgr.restore() == {"x": 0}
+    mgr.save({"x": 2}, step=2)
+    assert not storage.exists("step_00000001/state-0123abcd.safetensors")
+    assert storage.read("tensorboard/events.out") == b"not ours"
+
+
+def test_existing_step_is_refused_and_nothing_is_lost(store):
+    mgr = manager(store)
+    mgr.save({"x": 1}, step=5)
+    with pytest.raises(CheckpointExists, match="step 5 is already committed"):
+        mgr.save({"x": 2}, step=5)
+    with pytest.raises(CheckpointExists):
+        mgr.save({"x": 2}, step=6, name="step_00000005")
+    assert mgr.restore() == {"x": 1}
+
+
+def test_concurrent_writer_of_the_same_step_loses_cleanly(store):
+    """Two managers race for one step: the manifest's create-only write admits one."""
+    first, second = manager(store), manager(store)
+    storage = open_storage(store.url, store.storage_options)
+    first.save({"who": "first"}, step=3)
+    from ckptstore import commit, serializers, tree
+
+    with pytest.raises(CheckpointExists):  # past the pre-check: the create-only manifest decides
+        commit.write_checkpoint(storage, "step_00000003", 3, serializers.get_format("safetensors"),
+                                tree.canonicalize({"who": "second"}), {})
+    assert second.restore() == {"who": "first"}
+    assert len([p for p in storage.list_files() if p.startswith("step_00000003/state-")]) == 1
+
+
+def test_failed_save_leaves_earlier_checkpoints_intact(store):
+    mgr = manager(store)
+    mgr.save({"x": 1}, step=0)
+    with pytest.raises(UnsupportedValueError, match=r"state\['bad'\]"):
+        mgr.save({"x": 2, "bad": object()}, step=1)
+    assert [c.step for c in mgr.checkpoints()] == [0] and mgr.restore() == {"x": 1}
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs", "s3://other/x", "a/b", "..", ".hidden", "x\\y", "C:evil"])
+def test_names_that_escape_the_root_are_refused(store, name):
+    mgr = manager(store)
+    with pytest.raises(InvalidNameError, match="relative|one path segment"):
+        mgr.save({"x": 1}, step=1, name=name)
+    with pytest.raises(InvalidNameError):
+        mgr.restore(which=name)
+    assert mgr.checkpoints() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"format": "pickle"}, "unknown format 'pickle'"), ({"keep_last": 0}, "`keep_last`"),
+     ({"keep_best": 2}, "`keep_best` needs `monitor`"), ({"export_best": "../x.pt"}, "relative"),
+     ({"export_best": "best.bin"}, "`export_best`")],
+)
+def test_bad_options_are_refused_up_front(store, kwargs, match):
+    with pytest.raises((ConfigError, InvalidNameError), match=match):
+        manager(store, **kwargs)
+
+
+def test_single_file_helpers(store):
+    url = f"{store.url}/whole_model.pt"
+    model = torch.nn.Linear(2, 2)
+    ckptstore.save(model, url, storage_options=store.storage_options)
+    with pytest.raises(ckptstore.UnsafeCheckpointError, match="weights_only=False"):
+        ckptstore.load(url, storage_options=store.storage_options)
+    loaded = ckptstore.load(url, weights_only=False, storage_options=store.storage_options)
+    assert torch.equal(loaded.weight, model.weight)
+    st_url = f"{store.url}/weights.safetensors"
+    ckptstore.save({"sd": model.state_dict(), "epoch": 1}, st_url, storage_options=store.storage_options)
+    back = ckptstore.load(st_url, storage_options=store.storage_options)
+    assert back["epoch"] == 1 and torch.equal(back["sd"]["weight"], model.weight)
+    with pytest.raises(CheckpointNotFound):
+        ckptstore.load(f"{store.url}/absent.pt", storage_options=store.storage_options)
