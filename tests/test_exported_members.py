@@ -1,0 +1,21 @@
+"""`__all__` is the public API: every name is importable, documented, and the list stays small."""
+
+import ckptstore
+
+
+def test_all_names_exist_and_are_documented():
+    for name in ckptstore.__all__:
+        member = getattr(ckptstore, name)
+        assert member.__doc__, f"{name} has no docstring"
+
+
+def test_every_error_is_a_ckptstore_error_and_a_builtin():
+    errors = [getattr(ckptstore, n) for n in ckptstore.__all__ if n.endswith(("Error", "Exists", "NotFound", "Dependency"))]
+    assert len(errors) == 11
+    for cls in errors:
+        assert issubclass(cls, ckptstore.CkptStoreError)
+        assert len(cls.__mro__) > 3 or cls is ckptstore.CkptStoreError, cls  # also a builtin such as ValueError
+
+
+def test_public_surface_is_small():
+    assert len(ckptstore.__all__) <= 16
