@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
-from .serializers import ChecksumReader, ChecksumWriter, Format, MapLocation, get_format
+from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format
 from .storage import FsspecStorage
 
 log = logging.getLogger("ckptstore")
@@ -129,14 +129,7 @@ def read_checkpoint(
         raise CorruptCheckpointError(f"{where} is listed in the manifest but missing") from err
     if actual != entry.size:
         raise CorruptCheckpointError(f"{where} is {actual} bytes, the manifest says {entry.size} (truncated or replaced)")
-    with storage.open_read(path) as raw:
-        src = ChecksumReader(raw, where)
-        tree = fmt.read(src, entry.size, map_location, weights_only)
-    if verify and src.crc != entry.crc32c:
-        raise CorruptCheckpointError(
-            f"{where} fails its checksum (crc32c {src.crc:08x}, manifest {entry.crc32c:08x}): the bytes were altered"
-        )
-    return tree
+    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
 
 
 def delete_checkpoint(storage: FsspecStorage, name: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import tree as treelib
-from .serializers import ChecksumReader, ChecksumWriter, MapLocation, SafetensorsFormat, format_for_path, torch_load
+from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, format_for_path
 from .storage import FsspecStorage, open_storage
 
 
@@ -58,11 +58,6 @@ def load(
         CheckpointNotFound: nothing at ``url``.
     """
     storage, name = _split(url, storage_options)
-    size = storage.size(name)
     fmt = format_for_path(name)
-    local = storage.local_path(name)
-    if local is not None and not isinstance(fmt, SafetensorsFormat):
-        return torch_load(local, storage.url(name), map_location, weights_only)
-    with storage.open_read(name) as raw:
-        tree = fmt.read(ChecksumReader(raw, storage.url(name)), size, map_location, weights_only)
+    tree = fmt.read(Source(storage, name, storage.size(name)), map_location, weights_only, None)
     return treelib.decanonicalize(tree) if isinstance(fmt, SafetensorsFormat) else tree

@@ -15,9 +15,10 @@ so the manifest can record, and a load can verify, each data file without a seco
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
+import tempfile
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import IO, Any, Protocol, Union
 
@@ -27,23 +28,50 @@ import torch
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from .safetensors_header import build_header, header_length, parse_header
+from .storage import FsspecStorage
 
 MapLocation = Union[str, torch.device, dict[str, str], Callable[..., Any], None]
 TREE_METADATA_KEY = "ckptstore.tree"
 
 
+CHUNK_BYTES = 8 * 2**20  # the largest slice handed to a store at once: bounds its buffers
+
+
 class ChecksumWriter:
-    """A write-only stream that counts bytes and CRC32C on their way to ``raw``."""
+    """A write-only stream that counts bytes and CRC32C on their way to ``raw``.
+
+    Large writes are passed on in ``CHUNK_BYTES`` slices of the caller's memory: object-store
+    files copy what they are given into their part buffer, so one 1 GiB write would
+    otherwise cost 1 GiB of extra memory.
+    """
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw, self.size, self.crc = raw, 0, 0
+        self._staging: torch.Tensor | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.crc = crc32c.crc32c(view, self.crc)
+        for start in range(0, len(view), CHUNK_BYTES):
+            chunk = view[start : start + CHUNK_BYTES]
+            self.crc = crc32c.crc32c(chunk, self.crc)
+            self.raw.write(chunk)
         self.size += len(view)
-        self.raw.write(view)
         return len(view)
+
+    def write_tensor(self, t: torch.Tensor) -> None:
+        """Write a tensor's bytes: in place from CPU memory, through a bounded buffer otherwise."""
+        t = t.detach()
+        if t.device.type == "cpu":
+            self.write(_byte_view(t.contiguous()))  # a copy only if non-contiguous, one tensor at a time
+            return
+        flat = t.contiguous().reshape(-1).view(torch.uint8)
+        if self._staging is None:  # one reusable pinned buffer per file
+            self._staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        staging = self._staging
+        for start in range(0, flat.numel(), CHUNK_BYTES):
+            chunk = flat[start : start + CHUNK_BYTES]
+            staging[: chunk.numel()].copy_(chunk)
+            self.write(staging[: chunk.numel()].numpy())
 
     def flush(self) -> None:
         self.raw.flush()
@@ -74,6 +102,19 @@ class ChecksumReader:
         return bytes(out)
 
 
+@dataclass(frozen=True)
+class Source:
+    """A whole file to read: where it is and how big it must be."""
+
+    storage: FsspecStorage
+    path: str
+    size: int
+
+    @property
+    def where(self) -> str:
+        return self.storage.url(self.path)
+
+
 class Format(Protocol):
     """A file format for a canonical state tree."""
 
@@ -86,8 +127,8 @@ class Format(Protocol):
     def write_plain(self, tensors: dict[str, torch.Tensor], out: ChecksumWriter) -> None:
         """Write a flat ``{name: tensor}`` state_dict that stock loaders read as-is."""
 
-    def read(self, src: ChecksumReader, size: int, map_location: MapLocation, weights_only: bool) -> Any:
-        """Read a whole file of ``size`` bytes from ``src`` and return its canonical tree."""
+    def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
+        """Read the whole file and return its canonical tree; check its CRC32C unless None."""
 
 
 class SafetensorsFormat:
@@ -100,22 +141,25 @@ class SafetensorsFormat:
         meta = {"format": "pt", TREE_METADATA_KEY: json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
         out.write(build_header(tensors, meta))
         for t in tensors.values():
-            out.write(_host_bytes(t))
+            out.write_tensor(t)
 
     def write_plain(self, tensors: dict[str, torch.Tensor], out: ChecksumWriter) -> None:
         out.write(build_header(tensors, {"format": "pt"}))
         for t in tensors.values():
-            out.write(_host_bytes(t))
+            out.write_tensor(t)
 
-    def read(self, src: ChecksumReader, size: int, map_location: MapLocation, weights_only: bool) -> Any:
-        length = header_length(src.read(8), size, src.where)
-        header = parse_header(src.read(length), size, src.where)
-        tensors: dict[str, torch.Tensor] = {}
-        for key, entry in header.entries.items():  # in file order: the reads are sequential
-            t = torch.empty(entry.shape, dtype=entry.dtype)
-            if entry.nbytes:
-                src.readinto(t.reshape(-1).view(torch.uint8).numpy())
-            tensors[key] = t
+    def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
+        with src.storage.open_read(src.path) as raw:
+            stream = ChecksumReader(raw, src.where)
+            length = header_length(stream.read(8), src.size, src.where)
+            header = parse_header(stream.read(length), src.size, src.where)
+            tensors: dict[str, torch.Tensor] = {}
+            for key, entry in header.entries.items():  # in file order: the reads are sequential
+                t = torch.empty(entry.shape, dtype=entry.dtype)
+                if entry.nbytes:
+                    stream.readinto(_byte_view(t))
+                tensors[key] = t
+        check_crc(stream.crc, expected_crc, src.where)
         raw_tree = header.metadata.get(TREE_METADATA_KEY)
         if raw_tree is None:  # a plain safetensors file: its tensors are the tree
             return {k: place(t, "cpu", map_location) for k, t in tensors.items()}
@@ -143,10 +187,39 @@ class TorchFormat:
     def write_plain(self, tensors: dict[str, torch.Tensor], out: ChecksumWriter) -> None:
         torch.save(dict(tensors), out)  # type: ignore[arg-type]
 
-    def read(self, src: ChecksumReader, size: int, map_location: MapLocation, weights_only: bool) -> Any:
-        buffer = bytearray(size)
-        src.readinto(buffer)
-        return torch_load(io.BytesIO(buffer), src.where, map_location, weights_only)
+    def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
+        """Local files are checksummed in one pass, then mmapped; remote ones are downloaded
+        once to a temp file (checksummed on the way) and mmapped, so memory stays bounded."""
+        local = src.storage.local_path(src.path)
+        if local is not None:
+            if expected_crc is not None:
+                with open(local, "rb") as f:
+                    check_crc(_crc_of_stream(ChecksumReader(f, src.where), src.size), expected_crc, src.where)
+            return torch_load(local, src.where, map_location, weights_only)
+        with tempfile.NamedTemporaryFile(prefix="ckptstore-", suffix=".pt") as tmp:
+            with src.storage.open_read(src.path) as raw:
+                crc = _crc_of_stream(ChecksumReader(raw, src.where), src.size, copy_to=tmp)
+            tmp.flush()
+            check_crc(crc, expected_crc, src.where)
+            return torch_load(tmp.name, src.where, map_location, weights_only)
+
+
+def _crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None) -> int:
+    buffer = bytearray(min(CHUNK_BYTES, size))
+    for start in range(0, size, len(buffer)):
+        view = memoryview(buffer)[: min(len(buffer), size - start)]
+        stream.readinto(view)
+        if copy_to is not None:
+            copy_to.write(view)
+    return stream.crc
+
+
+def check_crc(actual: int, expected: int | None, where: str) -> None:
+    """Raise CorruptCheckpointError if ``expected`` is given and differs from ``actual``."""
+    if expected is not None and actual != expected:
+        raise CorruptCheckpointError(
+            f"{where} fails its checksum (crc32c {actual:08x}, manifest {expected:08x}): the bytes were altered"
+        )
 
 
 def torch_load(f: IO[bytes] | str, where: str, map_location: MapLocation, weights_only: bool) -> Any:
@@ -193,10 +266,6 @@ def place(t: torch.Tensor, saved_device: str, map_location: MapLocation) -> torc
     return t if torch.device(target) == t.device else t.to(target)
 
 
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes, viewed in place when it is a contiguous CPU tensor."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()  # one tensor at a time, so peak extra memory is one tensor
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import uuid
 from collections import OrderedDict
 
 import numpy as np
@@ -15,17 +16,22 @@ from safetensors import safe_open
 
 from ckptstore import UnsupportedValueError
 from ckptstore import tree as treelib
-from ckptstore.serializers import ChecksumReader, ChecksumWriter, get_format
+from ckptstore.serializers import ChecksumWriter, Source, get_format
+from ckptstore.storage import open_storage
 
 FORMATS = ["safetensors", "torch"]
 
 
 def roundtrip(value, fmt_name):
+    """Write ``value`` to a memory:// file and read it back; return (value, file bytes)."""
     fmt = get_format(fmt_name)
-    buf = io.BytesIO()
-    fmt.write(treelib.canonicalize(value), ChecksumWriter(buf))
-    data = buf.getvalue()
-    tree = fmt.read(ChecksumReader(io.BytesIO(data), "mem"), len(data), None, True)
+    storage = open_storage(f"memory://roundtrip-{uuid.uuid4().hex}")
+    with storage.open_write("f") as raw:
+        out = ChecksumWriter(raw)
+        fmt.write(treelib.canonicalize(value), out)
+    tree = fmt.read(Source(storage, "f", out.size), None, True, out.crc)
+    data = storage.read("f")
+    storage.delete("")
     return treelib.decanonicalize(tree), data
 
 
