@@ -151,7 +151,7 @@ class SafetensorsFormat:
     def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
         with src.storage.open_read(src.path) as raw:
             stream = ChecksumReader(raw, src.where)
-            length = header_length(stream.read(8), src.size, src.where)
+            length = header_length(stream.read(8) if src.size >= 8 else b"", src.size, src.where)
             header = parse_header(stream.read(length), src.size, src.where)
             tensors: dict[str, torch.Tensor] = {}
             for key, entry in header.entries.items():  # in file order: the reads are sequential
@@ -205,7 +205,7 @@ class TorchFormat:
 
 
 def _crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None) -> int:
-    buffer = bytearray(min(CHUNK_BYTES, size))
+    buffer = bytearray(max(1, min(CHUNK_BYTES, size)))
     for start in range(0, size, len(buffer)):
         view = memoryview(buffer)[: min(len(buffer), size - start)]
         stream.readinto(view)

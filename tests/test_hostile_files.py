@@ -1,0 +1,135 @@
+"""Hostile and broken files end in a clean ckptstore error: never a crash, a hang, or a huge allocation."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import uuid
+import zipfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptstore
+from ckptstore import CkptStoreError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.storage import open_storage
+
+
+def load_bytes(data: bytes, name: str = "f.safetensors", **kwargs):
+    storage = open_storage(f"memory://hostile-{uuid.uuid4().hex}")
+    with storage.open_write(name) as f:
+        f.write(data)
+    try:
+        return ckptstore.load(storage.url(name), **kwargs)
+    finally:
+        storage.delete("")
+
+
+def header_file(doc: dict, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = json.dumps(doc).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+GOOD = header_file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "too short"),
+        (b"\x01\x02", "too short"),
+        (struct.pack("<Q", 2**62) + b"{}", "over the"),
+        (struct.pack("<Q", 1000) + b"{}", "truncated"),
+        (header_file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "data section is 4"),
+        (header_file({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8), "needs"),
+        (header_file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**60]}}, b"\0" * 8), "needs"),
+        (header_file({"w": {"dtype": "XX", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
+        (header_file({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "invalid shape"),
+        (header_file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8), "needs"),
+        (header_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "overlaps"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not valid JSON"),
+        (header_file([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
+        (header_file({"__metadata__": {"ckptstore.tree": "{bad"}}), "skeleton is not valid JSON"),
+        (header_file({"__metadata__": {"ckptstore.tree": '{"x": {"__tensor__": "nope"}}'}}), "lacks"),
+        (header_file({"__metadata__": {"k": 1}}), "__metadata__"),
+    ],
+)
+def test_broken_safetensors_files(data, match):
+    with pytest.raises(CorruptCheckpointError, match=match):
+        load_bytes(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzzed_safetensors_files_end_in_clean_errors(data):
+    """Mutate a valid file (flip, cut, splice): every outcome is a value or a CkptStoreError."""
+    blob = bytearray(GOOD)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "length"]))
+        if op == "flip" and blob:
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            blob = blob[: data.draw(st.integers(0, len(blob)))]
+        elif op == "insert":
+            i = data.draw(st.integers(0, len(blob)))
+            blob[i:i] = data.draw(st.binary(max_size=16))
+        else:
+            blob[:8] = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1)))
+    try:
+        load_bytes(bytes(blob))
+    except CkptStoreError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "??"]),
+    shape=st.lists(st.integers(-1, 2**33), max_size=4),
+    offsets=st.lists(st.integers(-1, 2**40), min_size=0, max_size=3),
+    data_len=st.integers(0, 64),
+)
+def test_fuzzed_safetensors_headers(dtype, shape, offsets, data_len):
+    """Arbitrary tensor entries: the validator refuses before allocating what the header claims."""
+    blob = header_file({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}, b"\0" * data_len)
+    try:
+        value = load_bytes(blob)
+    except CkptStoreError:
+        return
+    assert value["t"].numel() * value["t"].element_size() <= data_len
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_torch_file_with_arbitrary_globals_is_refused(capsys):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(1), "evil": Evil()}, buf)
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        load_bytes(buf.getvalue(), "model.pt")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_torch_file_with_os_system_in_its_pickle_is_refused():
+    """A hand-made zip whose data.pkl calls os.system: refused before any import or call."""
+    buf = io.BytesIO()
+    payload = b"cos\nsystem\n(S'echo pwned'\ntR."
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+    with pytest.raises(UnsafeCheckpointError):
+        load_bytes(buf.getvalue(), "model.pt")
+
+
+@pytest.mark.parametrize("data", [b"", b"PK\x03\x04garbage", pickle.dumps({"a": 1})[:5], b"\0" * 100])
+def test_broken_torch_files(data):
+    with pytest.raises(CorruptCheckpointError):
+        load_bytes(data, "model.pt")
