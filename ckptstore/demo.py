@@ -79,6 +79,7 @@ def run(root: str = "./runs/demo", epochs: int = 8, preempt_after: int = 3,
         mgr = CheckpointManager(root, storage_options=storage_options)
         for info in mgr.checkpoints():
             mgr.delete(info.name)
+    CheckpointManager(root, storage_options=storage_options).storage.makedirs()  # fail here, not in the child
     print(f"== training to {root}, preempted after epoch {preempt_after}")
     worker = _spawn(root, epochs, storage_options, epoch_seconds=1.0)
     mgr = CheckpointManager(root, monitor="val_loss", storage_options=storage_options)
