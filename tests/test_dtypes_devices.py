@@ -1,0 +1,83 @@
+"""dtypes, odd shapes, devices and map_location, in both formats."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from ckptstore import CheckpointManager, UnsupportedValueError
+from ckptstore.safetensors_header import DTYPE_CODES
+from ckptstore.serializers import place
+
+FORMATS = ["safetensors", "torch"]
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool, *FLOAT8]
+
+
+def sample(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
+    values = torch.linspace(-3, 3, steps=int(torch.tensor(shape).prod())).reshape(shape)
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_dtype_and_odd_shapes(fmt):
+    mgr = CheckpointManager(f"memory://dtypes-{uuid.uuid4().hex}", format=fmt)
+    state = {str(d): sample(d) for d in DTYPES}
+    state.update({"zero_d": torch.tensor(7, dtype=torch.int64), "empty": torch.empty(0, 3, dtype=torch.bfloat16),
+                  "strided": torch.arange(20.0).reshape(4, 5).t(), "view": torch.arange(10.0)[2:7]})
+    mgr.save(state, step=0)
+    back = mgr.restore()
+    for key, t in state.items():
+        assert back[key].dtype == t.dtype and back[key].shape == t.shape, key
+        assert torch.equal(back[key].view(torch.uint8) if t.dtype in FLOAT8 else back[key], t.view(torch.uint8) if t.dtype in FLOAT8 else t), key
+
+
+def test_float8_has_a_safetensors_code():
+    assert all(d in DTYPE_CODES for d in FLOAT8)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_meta_tensors_are_refused(fmt):
+    mgr = CheckpointManager(f"memory://meta-{uuid.uuid4().hex}", format=fmt)
+    with pytest.raises(UnsupportedValueError, match="meta"):
+        mgr.save({"model": torch.nn.Linear(2, 2, device="meta")}, step=0)
+    assert mgr.checkpoints() == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("map_location", ["cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda t, loc: t])
+def test_map_location_forms(fmt, map_location):
+    mgr = CheckpointManager(f"memory://map-{uuid.uuid4().hex}", format=fmt)
+    mgr.save({"w": torch.ones(2)}, step=0)
+    assert mgr.restore(map_location=map_location)["w"].device.type == "cpu"
+
+
+def test_saved_device_is_recorded_and_remapped(tmp_path):
+    """The skeleton records each tensor's device; map_location remaps it as torch.load would."""
+    from safetensors import safe_open
+
+    mgr = CheckpointManager(tmp_path)
+    info = mgr.save({"w": torch.ones(2)}, step=0)
+    with safe_open(str(tmp_path / info.name / info.files[0].path), "pt") as f:
+        assert json.loads(f.metadata()["ckptstore.tree"])["w"] == {"__tensor__": "w", "device": "cpu"}
+    assert place(torch.ones(1), "cuda:1", {"cuda:1": "cpu"}).device.type == "cpu"
+    seen = []
+    place(torch.ones(1), "cuda:1", lambda t, loc: seen.append(loc) or t)
+    assert seen == ["cuda:1"]
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):
+            place(torch.ones(1), "cuda:1", None)  # as torch.load without map_location on a CPU machine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_tensors_go_through_the_staging_buffer(fmt):
+    mgr = CheckpointManager(f"memory://cuda-{uuid.uuid4().hex}", format=fmt)
+    w = torch.randn(3 * 2**20 + 5, device="cuda")  # > one 8 MiB staging chunk
+    mgr.save({"w": w}, step=0)
+    assert torch.equal(mgr.restore()["w"], w)
+    assert mgr.restore(map_location="cpu")["w"].device.type == "cpu"
