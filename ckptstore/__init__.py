@@ -24,6 +24,7 @@ from .errors import (
 from .files import load, save
 from .manager import CheckpointManager
 from .manifest import CheckpointInfo
+from .partial import LoadReport, load_partial
 from .rng import RNGState
 
 __version__ = "0.1.0"
@@ -31,8 +32,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
+    "LoadReport",
     "RNGState",
     "load",
+    "load_partial",
     "save",
     "CheckpointExists",
     "CheckpointNotFound",

@@ -20,6 +20,7 @@ from . import commit, retention
 from .errors import CheckpointExists, CheckpointNotFound, ConfigError, CorruptCheckpointError, InvalidNameError
 from .inplace import restore_into
 from .manifest import CheckpointInfo
+from .partial import LoadReport, load_partial
 from .serializers import ChecksumWriter, MapLocation, format_for_path, get_format
 from .storage import check_relative_path, open_storage
 from .tree import canonicalize
@@ -74,6 +75,7 @@ class CheckpointManager:
             if "/" in export_best or not export_best.endswith((".safetensors", ".pt", ".pth")):
                 raise ConfigError(f"`export_best` must be a file name ending in .safetensors, .pt or .pth, got {export_best!r}")
         self.export_best, self.export_key = export_best, export_key
+        self.storage_options = storage_options
         self.storage = open_storage(root, storage_options)
         self.storage.check_bucket()
 
@@ -198,6 +200,25 @@ class CheckpointManager:
                 log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, err)
                 errors.append(str(err))
         raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(errors))
+
+    def load_partial(
+        self,
+        target: torch.nn.Module | dict[str, torch.Tensor],
+        which: Which = "latest",
+        *,
+        key: str = "model",
+        **options: Any,
+    ) -> LoadReport:
+        """Load the matching tensors of ``state[key]`` of a checkpoint into ``target``.
+
+        The same as :func:`ckptstore.load_partial` on the checkpoint's folder; ``options``
+        are its keyword arguments (``device``, ``key_map``, ``strict``, ...).
+        """
+        infos = self.checkpoints()
+        if not infos:
+            raise CheckpointNotFound(f"no committed checkpoint under {self.root}")
+        info = retention.newest_first(infos)[0] if which == "latest" else self._find(which, infos)
+        return load_partial(info.url, target, key=key, storage_options=self.storage_options, **options)
 
     # -- helpers --------------------------------------------------------------------------
     def _find(self, which: Which, infos: list[CheckpointInfo]) -> CheckpointInfo:

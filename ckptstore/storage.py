@@ -148,9 +148,14 @@ class FsspecStorage:
         return [bytes(c) for c in chunks]
 
     @contextlib.contextmanager
-    def open_read(self, path: str) -> Iterator[IO[bytes]]:
-        """A seekable binary file object for ``path``."""
-        with self._errors("read", path), self.fs.open(self._full(path), "rb") as f:
+    def open_read(self, path: str, *, exact: bool = False) -> Iterator[IO[bytes]]:
+        """A seekable binary file object for ``path``.
+
+        ``exact=True`` turns off read-ahead on remote stores, so each ``read(n)`` fetches
+        exactly ``n`` bytes (for scattered small reads such as a zip directory).
+        """
+        options = {"cache_type": "none"} if exact and not self.is_local else {}
+        with self._errors("read", path), self.fs.open(self._full(path), "rb", **options) as f:
             yield f
 
     def size(self, path: str) -> int:
@@ -263,8 +268,8 @@ class FsspecStorage:
             yield
         except (CheckpointNotFound, StorageError, FileExistsError):
             raise
-        except FileNotFoundError as err:
-            if op == "read":
+        except (FileNotFoundError, NotADirectoryError) as err:
+            if op in ("read", "list"):
                 raise CheckpointNotFound(f"{where} does not exist") from err
             raise StorageError(
                 f"cannot {op} {where}: the bucket or parent folder does not exist ({err}); "

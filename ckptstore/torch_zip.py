@@ -1,0 +1,190 @@
+"""Plan a ``torch.save`` zip file without loading it: which bytes hold which tensor.
+
+A torch file is a zip archive: ``<archive>/data.pkl`` describes the object and names its
+storages, ``<archive>/data/<key>`` holds each storage's raw bytes, uncompressed. The
+planner reads the central directory and ``data.pkl`` by range, and unpickles ``data.pkl``
+with a restricted unpickler: only containers, dtypes and torch's tensor-rebuild functions
+resolve, each replaced by a stand-in that records (storage, offset, shape, stride, dtype)
+without allocating anything. Any other global raises :class:`UnsafeCheckpointError` before it
+is imported, so a hostile pickle never runs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+
+MAX_PICKLE_BYTES = 64 * 2**20
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+LOCAL_HEADER_SIZE = 30
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage record inside the zip: its member name and size in bytes."""
+
+    member: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor described by ``data.pkl``: a strided view of one storage."""
+
+    storage: StorageRef
+    dtype: torch.dtype
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def span(self) -> tuple[int, int]:
+        """The half-open byte range ``[start, end)`` of the storage that the view touches."""
+        if math.prod(self.shape) == 0:
+            return self.offset * self.itemsize, self.offset * self.itemsize
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return self.offset * self.itemsize, (last + 1) * self.itemsize
+
+
+def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str, int]]:
+    """Return ``({key: TensorRef}, {member: header_offset})`` for the torch zip in ``f``.
+
+    Keys are the path to each tensor joined by ``/`` (a plain state_dict keeps its own keys).
+    """
+    try:
+        archive = zipfile.ZipFile(f)
+        infos = {i.filename: i for i in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CorruptCheckpointError(f"{where} is not a torch zip file: {err}") from err
+    pkl = [name for name in infos if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pkl) != 1:
+        raise CorruptCheckpointError(f"{where} has no single <archive>/data.pkl; not a torch.save file")
+    prefix = pkl[0][: -len("data.pkl")]
+    info = infos[pkl[0]]
+    if info.file_size > MAX_PICKLE_BYTES or info.compress_type != zipfile.ZIP_STORED:
+        raise CorruptCheckpointError(f"{where}: data.pkl is {info.file_size} bytes or compressed; refusing to plan it")
+    try:
+        payload = archive.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CorruptCheckpointError(f"{where}: cannot read data.pkl: {err}") from err
+    obj = _PlanUnpickler(io.BytesIO(payload), prefix, infos, where).load_checked()
+    tensors: dict[str, TensorRef] = {}
+    _collect(obj, "", tensors)
+    offsets = {name: i.header_offset for name, i in infos.items()}
+    return tensors, offsets
+
+
+def data_start(local_header: bytes, header_offset: int, where: str) -> int:
+    """The absolute offset of a member's data, from the first bytes of its local header."""
+    if len(local_header) < LOCAL_HEADER_SIZE:
+        raise CorruptCheckpointError(f"{where}: truncated zip local header at {header_offset}")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(local_header[:LOCAL_HEADER_SIZE])
+    if signature != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"{where}: bad zip local header at {header_offset}")
+    return header_offset + LOCAL_HEADER_SIZE + name_len + extra_len
+
+
+def _collect(obj: Any, key: str, out: dict[str, TensorRef]) -> None:
+    if isinstance(obj, TensorRef):
+        out[key] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _collect(v, f"{key}/{k}" if key else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _collect(v, f"{key}/{i}" if key else str(i), out)
+
+
+class _TypedStorage:
+    """Stand-in for a legacy typed storage class such as ``torch.FloatStorage``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+class _PlanUnpickler(pickle.Unpickler):
+    def __init__(self, f: IO[bytes], prefix: str, infos: dict[str, zipfile.ZipInfo], where: str) -> None:
+        super().__init__(f)
+        self.prefix, self.infos, self.where = prefix, infos, where
+
+    def load_checked(self) -> Any:
+        try:
+            return self.load()
+        except (UnsafeCheckpointError, CorruptCheckpointError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure inside a hostile pickle is corruption
+            raise CorruptCheckpointError(f"{self.where}: data.pkl cannot be planned: {err!r}") from err
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = {
+            ("collections", "OrderedDict"): OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+            ("torch.storage", "UntypedStorage"): _TypedStorage(torch.uint8),
+            ("torch", "Size"): torch.Size,
+            ("torch", "device"): torch.device,
+        }
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return _TypedStorage(torch.storage._get_dtype_from_pickle_storage_type(name))
+            except KeyError:
+                pass
+        raise UnsafeCheckpointError(
+            f"{self.where}: data.pkl references {module}.{name}; the partial loader reads only tensors and "
+            "plain containers and never imports arbitrary globals"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CorruptCheckpointError(f"{self.where}: unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        member = f"{self.prefix}data/{key}"
+        info = self.infos.get(member)
+        if info is None or not isinstance(storage_type, _TypedStorage) or not isinstance(numel, int):
+            raise CorruptCheckpointError(f"{self.where}: data.pkl names storage {key!r}, which the archive lacks")
+        nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+        if info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptCheckpointError(f"{self.where}: storage {key!r} holds {info.file_size} bytes, data.pkl says {nbytes}")
+        return (StorageRef(member, nbytes), storage_type.dtype)
+
+
+def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
+    ref, dtype = storage
+    return _tensor(ref, dtype, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage: Any, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: torch.dtype, *_: Any) -> TensorRef:
+    ref, _ = storage
+    return _tensor(ref, dtype, offset, size, stride)
+
+
+def _rebuild_parameter(data: TensorRef, *_: Any) -> TensorRef:
+    return data
+
+
+def _tensor(ref: StorageRef, dtype: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+    if not isinstance(dtype, torch.dtype) or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride)):
+        raise CorruptCheckpointError(f"invalid tensor record: offset={offset!r} size={size!r} stride={stride!r}")
+    tensor = TensorRef(ref, dtype, offset, tuple(size), tuple(stride))
+    if len(tensor.shape) != len(tensor.stride) or tensor.span()[1] > ref.nbytes:
+        raise CorruptCheckpointError(f"tensor of shape {tensor.shape} reaches past its {ref.nbytes}-byte storage")
+    return tensor
