@@ -246,13 +246,15 @@ class FsspecStorage:
         if self.is_local or split_path is None:
             return
         bucket = split_path(self.root)[0]
-        with self._errors("read", ""):
-            found = self.fs.exists(bucket)
-        if not found:
+        try:
+            with self._errors("reach", ""):
+                self.fs.info(bucket)
+        except StorageError as err:
+            if not isinstance(err.__cause__, FileNotFoundError):
+                raise
             raise StorageError(
-                f"bucket {bucket!r} of {self.root_url} does not exist or these credentials cannot see it; "
-                "create it or fix the URL / credentials"
-            )
+                f"bucket {bucket!r} of {self.root_url} does not exist; create it or fix the URL"
+            ) from err.__cause__
 
     def makedirs(self) -> None:
         """Create the root folder on a local disk (object stores have no folders)."""

@@ -196,3 +196,60 @@ def test_single_file_helpers(store):
     assert back["epoch"] == 1 and torch.equal(back["sd"]["weight"], model.weight)
     with pytest.raises(CheckpointNotFound):
         ckptstore.load(f"{store.url}/absent.pt", storage_options=store.storage_options)
+
+
+def test_missing_bucket_is_reported_up_front(remote_store):
+    scheme = remote_store.url.split("://")[0]
+    with pytest.raises(ckptstore.StorageError, match="bucket 'no-such-bucket-ckpt' .* does not exist"):
+        CheckpointManager(f"{scheme}://no-such-bucket-ckpt/run", storage_options=remote_store.storage_options)
+
+
+@pytest.fixture(scope="module")
+def authenticating_s3(tmp_path_factory):
+    """A second moto server, in its own process, that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0", AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("the authenticating moto server did not start")
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_wrong_credentials_say_so(authenticating_s3):
+    options = {"client_kwargs": {"endpoint_url": authenticating_s3}, "key": "AKIAWRONGKEY", "secret": "wrong"}
+    with pytest.raises(ckptstore.StorageError, match="access denied .* check the credentials"):
+        CheckpointManager("s3://some-bucket/run", storage_options=options)
+
+
+def test_unwritable_local_path_fails_the_save_with_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    mgr = CheckpointManager(blocker / "run")
+    with pytest.raises(ckptstore.StorageError, match="cannot write"):
+        mgr.save({"x": 1}, step=0)
+
+
+def test_unknown_scheme_names_the_missing_extra():
+    with pytest.raises((ckptstore.MissingDependency, ckptstore.StorageError), match="nosuchproto|Install|protocol"):
+        CheckpointManager("nosuchproto://bucket/run")
