@@ -30,22 +30,22 @@ from .rng import RNGState
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointExists",
     "CheckpointInfo",
     "CheckpointManager",
-    "LoadReport",
-    "RNGState",
-    "load",
-    "load_partial",
-    "save",
-    "CheckpointExists",
     "CheckpointNotFound",
     "CkptStoreError",
     "ConfigError",
     "CorruptCheckpointError",
     "InvalidNameError",
+    "LoadReport",
     "MissingDependency",
+    "RNGState",
     "StateMismatchError",
     "StorageError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
+    "load",
+    "load_partial",
+    "save",
 ]

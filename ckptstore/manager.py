@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ from .tree import canonicalize
 
 log = logging.getLogger("ckptstore")
 
-Which = Union[str, int]
+Which = str | int
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 

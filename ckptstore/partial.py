@@ -27,7 +27,7 @@ import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy
 import torch
@@ -38,7 +38,7 @@ from .safetensors_header import header_length, parse_header
 from .storage import FsspecStorage, open_storage
 from .torch_zip import LOCAL_HEADER_SIZE, data_start, read_plan
 
-KeyMap = Union[None, Mapping[str, str], Callable[[str], Union[str, None]]]
+KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
 DEFAULT_MAX_BUFFER = 256 * 2**20
 COALESCE_GAP = 64 * 2**10  # merging costs at most this many extra bytes per join
 
@@ -184,10 +184,7 @@ def _rename(sources: dict[str, SourceTensor], key_map: KeyMap) -> dict[str, Sour
         return sources
     out = {}
     for k, v in sources.items():
-        if callable(key_map):
-            new = key_map(k)
-        else:
-            new = next((n + k[len(o):] for o, n in key_map.items() if k.startswith(o)), k)
+        new = key_map(k) if callable(key_map) else next((n + k[len(o):] for o, n in key_map.items() if k.startswith(o)), k)
         if new is not None:
             out[new] = v
     return out
@@ -305,7 +302,7 @@ class _Transfer:
 
     def _pread(self, fd: int, part: _Part) -> None:
         if part.dest.device.type == "cpu":
-            view = memoryview(part.dest.numpy())
+            view = part.dest.numpy().data
             done = 0
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], part.start + done)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import pickle
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import IO, Any, Protocol, Union
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 import crc32c
 import torch
@@ -30,7 +30,7 @@ from .errors import ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from .safetensors_header import build_header, header_length, parse_header
 from .storage import FsspecStorage
 
-MapLocation = Union[str, torch.device, dict[str, str], Callable[..., Any], None]
+MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 TREE_METADATA_KEY = "ckptstore.tree"
 
 
@@ -260,7 +260,7 @@ def place(t: torch.Tensor, saved_device: str, map_location: MapLocation) -> torc
     elif isinstance(map_location, dict):
         target = map_location.get(saved_device, saved_device)
     elif callable(map_location):
-        return map_location(t, saved_device)  # type: ignore[no-any-return]
+        return map_location(t, saved_device)
     else:
         target = map_location
     return t if torch.device(target) == t.device else t.to(target)
@@ -268,4 +268,4 @@ def place(t: torch.Tensor, saved_device: str, map_location: MapLocation) -> torc
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data

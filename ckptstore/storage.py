@@ -233,11 +233,8 @@ class FsspecStorage:
     def delete(self, path: str) -> None:
         """Delete the file or folder ``path`` (recursively); absent paths are fine."""
         full = self._full(path)
-        with self._errors("delete", path):
-            try:
-                self.fs.rm(full, recursive=True)
-            except FileNotFoundError:
-                pass
+        with self._errors("delete", path), contextlib.suppress(FileNotFoundError):
+            self.fs.rm(full, recursive=True)
             self.fs.invalidate_cache(full)
 
     def check_bucket(self) -> None:
@@ -273,6 +270,8 @@ class FsspecStorage:
         except (FileNotFoundError, NotADirectoryError) as err:
             if op in ("read", "list"):
                 raise CheckpointNotFound(f"{where} does not exist") from err
+            if isinstance(err, NotADirectoryError):
+                raise StorageError(f"cannot {op} {where}: part of the path is a file, not a folder; fix the path") from err
             raise StorageError(
                 f"cannot {op} {where}: the bucket or parent folder does not exist ({err}); "
                 "create it or fix the URL"

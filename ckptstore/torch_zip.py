@@ -125,7 +125,7 @@ class _PlanUnpickler(pickle.Unpickler):
             return self.load()
         except (UnsafeCheckpointError, CorruptCheckpointError):
             raise
-        except Exception as err:  # noqa: BLE001 - any failure inside a hostile pickle is corruption
+        except Exception as err:
             raise CorruptCheckpointError(f"{self.where}: data.pkl cannot be planned: {err!r}") from err
 
     def find_class(self, module: str, name: str) -> Any:
@@ -172,7 +172,9 @@ def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, *_: An
     return _tensor(ref, dtype, offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage: Any, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: torch.dtype, *_: Any) -> TensorRef:
+def _rebuild_tensor_v3(
+    storage: Any, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: torch.dtype, *_: Any
+) -> TensorRef:
     ref, _ = storage
     return _tensor(ref, dtype, offset, size, stride)
 

@@ -37,6 +37,7 @@ _TENSOR, _TUPLE, _ITEMS, _FLOAT, _BYTES, _DTYPE, _DEVICE = (
 )
 _SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _KEY_TYPES = (str, int, float, bool, type(None), tuple)
+_PLAIN: tuple[Any, ...] = (bool, int, float, str, bytes)
 
 
 def is_stateful(value: Any) -> bool:
@@ -69,12 +70,12 @@ def canonicalize(value: Any, path: str = "state") -> Any:
         items = ((k, canonicalize(v, f"{path}[{k!r}]")) for k, v in value.items())
         return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
     if isinstance(value, (list, tuple)):
-        items = [canonicalize(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
+        children = [canonicalize(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return children if isinstance(value, list) else tuple(children)
     numpy_value = _from_numpy(value, path)
     if numpy_value is not None:
         return numpy_value
-    for base in (bool, int, float, str, bytes):  # IntEnum, str enums, ...: keep the plain value
+    for base in _PLAIN:  # IntEnum, str enums, ...: keep the plain value
         if isinstance(value, base):
             return base(value)
     raise UnsupportedValueError(
@@ -139,14 +140,13 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
         if isinstance(value, torch.Tensor):
             return tensor_ref(value, key)
         if isinstance(value, dict):
-            child = lambda k: f"{key}/{k}" if key else str(k)  # noqa: E731
             if all(isinstance(k, str) and not k.startswith("__") for k in value):
-                return {k: encode(v, child(k)) for k, v in value.items()}
-            return {_ITEMS: [[encode(k, ""), encode(v, child(k))] for k, v in value.items()]}
+                return {k: encode(v, _join(key, k)) for k, v in value.items()}
+            return {_ITEMS: [[encode(k, ""), encode(v, _join(key, k))] for k, v in value.items()]}
         if isinstance(value, list):
-            return [encode(v, f"{key}/{i}" if key else str(i)) for i, v in enumerate(value)]
+            return [encode(v, _join(key, i)) for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return {_TUPLE: [encode(v, f"{key}/{i}" if key else str(i)) for i, v in enumerate(value)]}
+            return {_TUPLE: [encode(v, _join(key, i)) for i, v in enumerate(value)]}
         if isinstance(value, float) and not math.isfinite(value):
             return {_FLOAT: repr(value)}
         if isinstance(value, bytes):
@@ -159,6 +159,11 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
 
     skeleton = encode(tree, "")
     return tensors, skeleton
+
+
+def _join(key: str, child: Any) -> str:
+    """The flat key of ``child`` under ``key``: path segments joined by ``/``."""
+    return f"{key}/{child}" if key else str(child)
 
 
 def unflatten(skeleton: Any, load_tensor: Callable[[str, str], torch.Tensor]) -> Any:

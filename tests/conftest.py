@@ -94,7 +94,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
     yield from _make_store(request.param, request, tmp_path)
 
 
-@pytest.fixture(params=["local", "file"] + REMOTE_KINDS)
+@pytest.fixture(params=["local", "file", *REMOTE_KINDS])
 def process_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
     """Every backend that another process can reach (memory:// lives in one process)."""
     yield from _make_store(request.param, request, tmp_path)

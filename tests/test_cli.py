@@ -19,7 +19,7 @@ SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     assert SCRIPT, "the ckptstore console script is not installed next to this Python"
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_ls_table_and_json(tmp_path):

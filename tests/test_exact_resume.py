@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import resume_worker
+import torch
 
 TOTAL, HALF = 12, 6
 WORKER = Path(resume_worker.__file__)

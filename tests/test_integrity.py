@@ -32,7 +32,8 @@ def corrupt(store, info, how: str) -> str:
         return "manifest says"
     with storage.open_write(path) as f:
         f.write(bytes(data))
-    return {"truncated": "manifest says", "flip_header": "checksum|unknown dtype|invalid|not valid", "flip_middle": "checksum", "flip_last": "checksum"}[how]
+    header_damage = "checksum|unknown dtype|invalid|not valid"
+    return {"truncated": "manifest says", "flip_header": header_damage, "flip_middle": "checksum", "flip_last": "checksum"}[how]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])

@@ -164,7 +164,7 @@ def test_failed_save_leaves_earlier_checkpoints_intact(store):
 @pytest.mark.parametrize("name", ["../evil", "/abs", "s3://other/x", "a/b", "..", ".hidden", "x\\y", "C:evil"])
 def test_names_that_escape_the_root_are_refused(store, name):
     mgr = manager(store)
-    with pytest.raises(InvalidNameError, match="relative|one path segment"):
+    with pytest.raises(InvalidNameError, match=r"relative|one path segment"):
         mgr.save({"x": 1}, step=1, name=name)
     with pytest.raises(InvalidNameError):
         mgr.restore(which=name)
@@ -200,7 +200,7 @@ def test_single_file_helpers(store):
 
 def test_missing_bucket_is_reported_up_front(remote_store):
     scheme = remote_store.url.split("://")[0]
-    with pytest.raises(ckptstore.StorageError, match="bucket 'no-such-bucket-ckpt' .* does not exist"):
+    with pytest.raises(ckptstore.StorageError, match=r"bucket 'no-such-bucket-ckpt' .* does not exist"):
         CheckpointManager(f"{scheme}://no-such-bucket-ckpt/run", storage_options=remote_store.storage_options)
 
 
@@ -238,7 +238,7 @@ def authenticating_s3(tmp_path_factory):
 
 def test_wrong_credentials_say_so(authenticating_s3):
     options = {"client_kwargs": {"endpoint_url": authenticating_s3}, "key": "AKIAWRONGKEY", "secret": "wrong"}
-    with pytest.raises(ckptstore.StorageError, match="access denied .* check the credentials"):
+    with pytest.raises(ckptstore.StorageError, match=r"access denied .* check the credentials"):
         CheckpointManager("s3://some-bucket/run", storage_options=options)
 
 
@@ -251,5 +251,5 @@ def test_unwritable_local_path_fails_the_save_with_a_clear_error(tmp_path):
 
 
 def test_unknown_scheme_names_the_missing_extra():
-    with pytest.raises((ckptstore.MissingDependency, ckptstore.StorageError), match="nosuchproto|Install|protocol"):
+    with pytest.raises((ckptstore.MissingDependency, ckptstore.StorageError), match=r"nosuchproto|Install|protocol"):
         CheckpointManager("nosuchproto://bucket/run")

@@ -123,7 +123,7 @@ def test_safetensors_opens_with_stock_safe_open(tmp_path):
     path = tmp_path / "state.safetensors"
     path.write_bytes(data)
     with safe_open(str(path), framework="pt") as f:
-        loaded = {k.removeprefix("model/"): f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
+        loaded = {k.removeprefix("model/"): f.get_tensor(k) for k in f.keys() if k.startswith("model/")}  # noqa: SIM118 (safe_open, not a dict)
         skeleton = json.loads(f.metadata()["ckptstore.tree"])
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
     fresh.load_state_dict(loaded)
@@ -155,7 +155,7 @@ def test_safetensors_bytes_are_the_stock_librarys():
     )
     assert out.getvalue() == golden
     assert golden == safetensors.torch.save(weights, metadata={"format": "pt"})
-    tensors, skeleton = treelib.flatten({"w": weights["w"], "n": 1})
+    _, skeleton = treelib.flatten({"w": weights["w"], "n": 1})
     assert skeleton == {"w": {"__tensor__": "w", "device": "cpu"}, "n": 1}
 
 
