@@ -1,0 +1,174 @@
+"""Partial loads from third-party files on every store: match by name and shape, read only those bytes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import ckptstore
+from ckptstore import CheckpointManager, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError, load_partial
+from ckptstore.partial import LoadReport, _Transfer
+from ckptstore.storage import open_storage
+
+
+def pretrained() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({
+        "embed": nn.Embedding(100, 16),
+        "block": nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16)),
+        "head": nn.Linear(16, 10),       # the fine-tuned model has a reshaped head
+        "aux": nn.Linear(16, 4),         # the fine-tuned model drops this layer
+    })
+
+
+def finetune_target() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.ModuleDict({
+        "embed": nn.Embedding(100, 16),
+        "block": nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16)),
+        "head": nn.Linear(16, 3),
+        "adapter": nn.Linear(16, 16),    # new in the fine-tuned model
+    })
+
+
+def upload(store, name: str, data: bytes) -> str:
+    storage = open_storage(store.url, store.storage_options)
+    with storage.open_write(name) as f:
+        f.write(data)
+    return storage.url(name)
+
+
+def stock_file(kind: str, state: dict[str, torch.Tensor]) -> bytes:
+    if kind == "safetensors":
+        return safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_third_party_file_extra_missing_and_reshaped_layers(store, kind):
+    source = pretrained()
+    url = upload(store, f"model.{'safetensors' if kind == 'safetensors' else 'pt'}", stock_file(kind, source.state_dict()))
+    target = finetune_target()
+    untouched = {k: v.clone() for k, v in target.state_dict().items()}
+    report = load_partial(url, target, storage_options=store.storage_options)
+
+    shared = [k for k in source.state_dict() if k.startswith(("embed", "block"))]
+    assert report.loaded == sorted(shared)
+    assert report.skipped_shape == {"head.weight": ((10, 16), (3, 16)), "head.bias": ((10,), (3,))}
+    assert report.missing == ["adapter.bias", "adapter.weight"]
+    assert report.unexpected == ["aux.bias", "aux.weight"]
+    src, dst = source.state_dict(), target.state_dict()
+    for k in shared:
+        assert torch.equal(dst[k], src[k]), k
+    for k in ("head.weight", "head.bias", "adapter.weight", "adapter.bias"):
+        assert torch.equal(dst[k], untouched[k]), k  # left alone
+    needed = sum(src[k].numel() * src[k].element_size() for k in shared)
+    assert needed <= report.bytes_read <= 1.05 * needed + 64 * 1024  # the header and zip directory are small
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_ddp_prefix_key_map_and_strict(store, kind):
+    source = nn.Linear(4, 4)
+    ddp_state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    url = upload(store, f"ddp.{kind}", stock_file(kind, ddp_state))
+    target = nn.Linear(4, 4)
+    report = load_partial(url, target, key_map={"module.": ""}, strict=True, storage_options=store.storage_options)
+    assert report.loaded == ["bias", "weight"] and torch.equal(target.weight, source.weight)
+    report = load_partial(url, nn.Linear(4, 4), key_map=lambda k: k.removeprefix("module.") if "bias" in k else None,
+                          storage_options=store.storage_options)
+    assert report.loaded == ["bias"] and report.missing == ["weight"] and report.unexpected == []
+    with pytest.raises(StateMismatchError, match=r"missing \['bias', 'weight'\]"):
+        load_partial(url, nn.Linear(4, 4), strict=True, storage_options=store.storage_options)
+
+
+def test_dtype_differences_are_cast_and_reported(store):
+    source = {"w": torch.randn(8, 8), "v": torch.arange(5.0)[1:4]}  # a view: only its bytes are planned
+    url = upload(store, "mixed.pt", stock_file("torch", source))
+    target = {"w": torch.zeros(8, 8, dtype=torch.bfloat16), "v": torch.zeros(3)}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    assert report.cast == {"w": (torch.float32, torch.bfloat16)}
+    assert torch.equal(target["w"], source["w"].to(torch.bfloat16)) and torch.equal(target["v"], source["v"])
+    with pytest.raises(StateMismatchError, match="strict_dtype"):
+        load_partial(url, {"w": torch.zeros(8, 8, dtype=torch.float16)}, strict_dtype=True, storage_options=store.storage_options)
+
+
+def test_from_a_managed_checkpoint(store):
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options, monitor="loss")
+    good, bad = pretrained(), pretrained()
+    with torch.no_grad():
+        bad["block"][0].weight.add_(1)
+    mgr.save({"model": good, "optimizer": torch.optim.SGD(good.parameters(), lr=0.1)}, step=0, metrics={"loss": 0.1})
+    mgr.save({"model": bad}, step=1, metrics={"loss": 0.5})
+    target = finetune_target()
+    report = mgr.load_partial(target, which="best")
+    assert "block.0.weight" in report.loaded and "aux.weight" in report.unexpected
+    assert torch.equal(target["block"][0].weight, good["block"][0].weight)
+    report = mgr.load_partial({"0.weight": torch.zeros(32, 16)}, key_map={"block.": ""})  # latest, renamed
+    assert report.loaded == ["0.weight"]
+
+
+def test_small_max_buffer_splits_big_tensors_without_changing_the_result(tmp_path):
+    source = {"big": torch.randn(300_000), "small": torch.randn(10)}
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(stock_file("safetensors", source))
+    target = {"big": torch.zeros(300_000), "small": torch.zeros(10)}
+    report = load_partial(path, target, max_buffer=2**18)  # 256 KiB budget for a 1.2 MB tensor
+    assert torch.equal(target["big"], source["big"]) and report.requests > 4
+
+
+def test_staging_buffers_alternate_and_copy_exactly():
+    """The device path's staging logic, exercised on the CPU (CUDA adds only non_blocking)."""
+    transfer = _Transfer(open_storage("memory://staging"), "x", 2**18, LoadReport())
+    dest = torch.zeros(10, dtype=torch.uint8)
+    import numpy as np
+
+    for i in range(4):
+        transfer._stage(np.full(10, i, dtype=np.uint8), dest)
+        assert dest.tolist() == [i] * 10
+    assert len(transfer._staging) == 2 and transfer._copies == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_target_through_pinned_staging(tmp_path):
+    source = pretrained()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(stock_file("safetensors", source.state_dict()))
+    target = finetune_target().cuda()
+    report = load_partial(path, target, device="cuda:0", max_buffer=2**16)
+    assert report.loaded and torch.equal(target["block"][0].weight.cpu(), source["block"][0].weight)
+
+
+class Evil:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pwned')",))
+
+
+def test_hostile_and_broken_files(store):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2), "evil": Evil()}, buf)
+    url = upload(store, "evil.pt", buf.getvalue())
+    with pytest.raises(UnsafeCheckpointError, match=r"builtin\w*\.exec"):
+        load_partial(url, {"w": torch.zeros(2)}, storage_options=store.storage_options)
+    good = stock_file("safetensors", {"w": torch.ones(1000)})
+    url = upload(store, "cut.safetensors", good[: len(good) // 2])
+    with pytest.raises(CorruptCheckpointError, match="data section"):
+        load_partial(url, {"w": torch.zeros(1000)}, storage_options=store.storage_options)
+    url = upload(store, "huge.safetensors", (2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CorruptCheckpointError, match="over the"):
+        load_partial(url, {"w": torch.zeros(1)}, storage_options=store.storage_options)
+    url = upload(store, "cut.pt", stock_file("torch", {"w": torch.ones(1000)})[:-300])
+    with pytest.raises(CorruptCheckpointError):
+        load_partial(url, {"w": torch.zeros(1000)}, storage_options=store.storage_options)
+
+
+def test_single_file_helper_writes_what_load_partial_reads(tmp_path):
+    model = pretrained()
+    ckptstore.save(model.state_dict(), tmp_path / "m.pt")
+    target = finetune_target()
+    assert "embed.weight" in load_partial(tmp_path / "m.pt", target).loaded
