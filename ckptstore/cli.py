@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import posixpath
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CkptStoreError
+from . import files
+from .errors import CkptStoreError, CorruptCheckpointError
 from .manager import CheckpointManager
+from .partial import describe
 
 
 def _storage_options(pairs: list[str]) -> dict[str, Any]:
@@ -50,6 +54,63 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    desc = describe(args.url, _storage_options(args.storage_option))
+    if args.json:
+        print(json.dumps(desc, indent=1, default=str))
+        return 0
+    if "checkpoint" in desc:
+        c = desc["checkpoint"]
+        print(f"checkpoint {c['name']}: step {c['step']}, {c['format']}, {c['size']:,} bytes, metrics {c['metrics']}")
+    print(f"{desc['url']} ({desc['header_bytes_read']:,} header bytes read)")
+    print(f"{'name':<48} {'dtype':<14} {'shape':<20} {'bytes':>14}")
+    for t in desc["tensors"]:
+        print(f"{t['name']:<48} {t['dtype']:<14} {str(t['shape']):<20} {t['bytes']:>14,}")
+    print(f"{len(desc['tensors'])} tensors, {sum(t['bytes'] for t in desc['tensors']):,} bytes")
+    print("values:", json.dumps(desc["values"], default=str))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    options = _storage_options(args.storage_option)
+    mgr = CheckpointManager(args.url, storage_options=options)
+    results = mgr.verify()
+    if not results:  # not a checkpoint root: one checkpoint folder, or a single file
+        parent, name = posixpath.split(args.url.rstrip("/"))
+        results = {k: v for k, v in CheckpointManager(parent or ".", storage_options=options).verify().items() if k == name}
+    if not results:
+        try:
+            files.verify(args.url, storage_options=options)
+            results = {args.url: None}
+        except CorruptCheckpointError as err:
+            results = {args.url: str(err)}
+    if args.json:
+        print(json.dumps([{"name": k, "ok": v is None, "problem": v} for k, v in results.items()], indent=1))
+    else:
+        for name, problem in results.items():
+            print(f"{'OK     ' if problem is None else 'CORRUPT'} {name}{'' if problem is None else ': ' + problem}")
+    return 1 if any(v is not None for v in results.values()) else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    options = _storage_options(args.storage_option)
+    files.save(files.load(args.src, storage_options=options), args.dst, storage_options=options)
+    print(f"{args.src} -> {args.dst}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=args.monitor,
+                            mode=args.mode, storage_options=_storage_options(args.storage_option))
+    doomed = mgr.prune(dry_run=not args.yes)
+    verb = "deleted" if args.yes else "would delete"
+    for info in doomed:
+        print(f"{verb} {info.name} (step {info.step}, {info.size:,} bytes)")
+    if not args.yes and doomed:
+        print("dry run: pass --yes to delete")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -76,6 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_cmd_ls)
 
+    inspect = add("inspect", "show a file's or checkpoint's tensors and values from its header only",
+                  "ckptstore inspect s3://bucket/runs/exp1/step_00000010")
+    inspect.add_argument("url")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    verify = add("verify", "check every checksum under a root, a checkpoint or a file; exit 1 on damage",
+                 "ckptstore verify s3://bucket/runs/exp1")
+    verify.add_argument("url")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=_cmd_verify)
+
+    convert = add("convert", "convert a file between torch (.pt) and safetensors, between any stores",
+                  "ckptstore convert s3://bucket/model.pt ./model.safetensors")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(func=_cmd_convert)
+
+    prune = add("prune", "apply a retention policy; shows what it would delete unless --yes",
+                "ckptstore prune ./runs/exp1 --keep-last 3 --keep-best 1 --monitor val_loss --yes")
+    prune.add_argument("root")
+    prune.add_argument("--keep-last", type=int, default=None)
+    prune.add_argument("--keep-best", type=int, default=0)
+    prune.add_argument("--monitor")
+    prune.add_argument("--mode", choices=["min", "max"], default="min")
+    prune.add_argument("--yes", action="store_true", help="really delete")
+    prune.set_defaults(func=_cmd_prune)
+
     demo = add("demo", "train, get preempted (SIGKILL), resume exactly", "ckptstore demo --root ./runs/demo --fresh")
     demo.add_argument("--root", default="./runs/demo")
     demo.add_argument("--epochs", type=int, default=8)
@@ -90,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `ckptstore inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except CkptStoreError as err:
         print(f"ckptstore: error: {err}", file=sys.stderr)
         return 1

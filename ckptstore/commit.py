@@ -29,8 +29,9 @@ from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
-from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format
+from .serializers import ChecksumReader, ChecksumWriter, Format, MapLocation, Source, check_crc, crc_of_stream, get_format
 from .storage import FsspecStorage
+from .tree import iter_tensors
 
 log = logging.getLogger("ckptstore")
 
@@ -55,7 +56,8 @@ def write_checkpoint(
     if storage.exists(manifest_path):
         raise _exists(storage, name)
     data_name = f"state-{uuid.uuid4().hex[:8]}{fmt.extension}"
-    with storage.open_write(f"{name}/{data_name}") as raw:
+    size_hint = sum(t.numel() * t.element_size() for t in iter_tensors(tree))
+    with storage.open_write(f"{name}/{data_name}", size_hint) as raw:
         out = ChecksumWriter(raw)
         fmt.write(tree, out)
     info = CheckpointInfo(
@@ -122,14 +124,28 @@ def read_checkpoint(
         raise CorruptCheckpointError(f"{info.url}: expected one data file, the manifest lists {len(info.files)}")
     entry = info.files[0]
     path = f"{info.name}/{entry.path}"
+    _check_size(storage, path, entry.size)
+    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
+
+
+def verify_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
+    """Stream every data file once and check its size and CRC32C, in bounded memory."""
+    for entry in info.files:
+        path = f"{info.name}/{entry.path}"
+        where = storage.url(path)
+        _check_size(storage, path, entry.size)
+        with storage.open_read(path) as raw:
+            check_crc(crc_of_stream(ChecksumReader(raw, where), entry.size), entry.crc32c, where)
+
+
+def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
     where = storage.url(path)
     try:
         actual = storage.size(path)
     except CheckpointNotFound as err:
         raise CorruptCheckpointError(f"{where} is listed in the manifest but missing") from err
-    if actual != entry.size:
-        raise CorruptCheckpointError(f"{where} is {actual} bytes, the manifest says {entry.size} (truncated or replaced)")
-    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
+    if actual != expected:
+        raise CorruptCheckpointError(f"{where} is {actual} bytes, the manifest says {expected} (truncated or replaced)")
 
 
 def delete_checkpoint(storage: FsspecStorage, name: str) -> None:

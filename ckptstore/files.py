@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import posixpath
+import zipfile
 from typing import Any
 
 import torch
 
 from . import tree as treelib
+from .errors import CorruptCheckpointError
+from .safetensors_header import header_length, parse_header
 from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, format_for_path
 from .storage import FsspecStorage, open_storage
 
@@ -44,6 +47,30 @@ def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, An
     else:
         with storage.open_write(name) as raw:
             torch.save(obj, raw)
+
+
+def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
+    """Check a single file's structure and, for torch zips, every record's CRC32; raise if damaged.
+
+    Safetensors files carry no checksum of their own: their header is validated and the data
+    section must have exactly the size the header claims. (Checkpoints get CRC32C from their
+    manifest: see :meth:`CheckpointManager.verify`.)
+    """
+    storage, name = _split(url, storage_options)
+    where = storage.url(name)
+    with storage.open_read(name) as f:
+        if f.read(4) == b"PK\x03\x04":
+            f.seek(0)
+            try:
+                bad = zipfile.ZipFile(f).testzip()
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+                raise CorruptCheckpointError(f"{where} is not a readable torch zip: {err}") from err
+            if bad is not None:
+                raise CorruptCheckpointError(f"{where}: record {bad} fails its CRC32")
+            return
+    size = storage.size(name)
+    length = header_length(storage.read(name, 0, min(8, size)), size, where)
+    parse_header(storage.read(name, 8, 8 + length), size, where)
 
 
 def load(

@@ -128,25 +128,39 @@ class CheckpointManager:
         info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
-        keep = retention.to_keep(committed, self.policy)
-        for old in committed:
-            if old.name not in keep:
-                commit.delete_checkpoint(self.storage, old.name)
-                log.info("pruned %s", old.url)
+        self._delete(self._doomed(committed))
         if self.export_best and self._is_best(info, committed):
             self._export(tree, info)
         return info
 
-    def prune(self) -> list[CheckpointInfo]:
-        """Apply the retention policy to what is stored now; return what was deleted."""
+    def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
+        """Apply the retention policy to what is stored now; return what was (or would be) deleted."""
         found = commit.scan(self.storage)
-        commit.clean_abandoned(self.storage, found)
-        keep = retention.to_keep(found.committed, self.policy)
-        doomed = [i for i in found.committed if i.name not in keep]
+        doomed = self._doomed(found.committed)
+        if not dry_run:
+            commit.clean_abandoned(self.storage, found)
+            self._delete(doomed)
+        return doomed
+
+    def verify(self) -> dict[str, str | None]:
+        """Check every committed checkpoint's sizes and CRC32C: ``{name: None or the problem}``."""
+        results: dict[str, str | None] = {}
+        for info in self.checkpoints():
+            try:
+                commit.verify_checkpoint(self.storage, info)
+                results[info.name] = None
+            except CorruptCheckpointError as err:
+                results[info.name] = str(err)
+        return results
+
+    def _doomed(self, committed: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        keep = retention.to_keep(committed, self.policy)
+        return [i for i in committed if i.name not in keep]
+
+    def _delete(self, doomed: list[CheckpointInfo]) -> None:
         for info in doomed:
             commit.delete_checkpoint(self.storage, info.name)
             log.info("pruned %s", info.url)
-        return doomed
 
     def delete(self, which: Which) -> CheckpointInfo:
         """Delete one committed checkpoint (by step or name); return what it was."""

@@ -23,6 +23,8 @@ and shape match the model) without downloading or unpickling the whole file:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
@@ -36,7 +38,9 @@ from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchErr
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .storage import FsspecStorage, open_storage
-from .torch_zip import LOCAL_HEADER_SIZE, data_start, read_plan
+from .serializers import TREE_METADATA_KEY
+from .torch_zip import LOCAL_HEADER_SIZE, TensorRef, data_start, read_plan
+from .tree import unflatten
 
 KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
 DEFAULT_MAX_BUFFER = 256 * 2**20
@@ -96,7 +100,7 @@ def load_partial(
     """
     storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
     report = LoadReport()
-    sources = _plan(storage, name, report)
+    sources, _ = _plan(storage, name, report)
     prefix = key if key is not None else ("model" if is_checkpoint else None)
     if prefix is not None:
         sources = {k[len(prefix) + 1 :]: v for k, v in sources.items() if k.startswith(prefix + "/")}
@@ -126,6 +130,29 @@ def load_partial(
     return report
 
 
+def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tensors (name, dtype, shape, bytes) and non-tensor values of a file, from its header only.
+
+    Example:
+        >>> import ckptstore
+        >>> ckptstore.save({"w": torch.zeros(2, 3)}, "memory://doc/describe/w.pt")
+        >>> describe("memory://doc/describe/w.pt")["tensors"]
+        [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
+    """
+    storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
+    report = LoadReport()
+    sources, values = _plan(storage, name, report)
+    tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
+                "bytes": math.prod(s.shape) * _itemsize(s.dtype)} for k, s in sources.items()]
+    out: dict[str, Any] = {"url": storage.url(name), "tensors": tensors, "values": values,
+                           "header_bytes_read": report.bytes_read}
+    if is_checkpoint:
+        info = CheckpointInfo.from_json(storage.read(MANIFEST_NAME), url=storage.url())
+        out["checkpoint"] = {"name": info.name, "step": info.step, "metrics": info.metrics, "format": info.format,
+                             "created": info.created.isoformat(), "size": info.size}
+    return out
+
+
 # -- planning -----------------------------------------------------------------------------
 def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[FsspecStorage, str, bool]:
     """(storage of the file's folder, file name, is a checkpoint folder); follows manifests."""
@@ -138,7 +165,8 @@ def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[FsspecSt
     return folder, info.files[0].path, True
 
 
-def _plan(storage: FsspecStorage, name: str, report: LoadReport) -> dict[str, SourceTensor]:
+def _plan(storage: FsspecStorage, name: str, report: LoadReport) -> tuple[dict[str, SourceTensor], Any]:
+    """The file's tensors, and its non-tensor content (tensors shown as ``"<tensor key>"``)."""
     size = storage.size(name)
     where = storage.url(name)
     head = _read(storage, name, 0, min(8, size), report)
@@ -146,13 +174,20 @@ def _plan(storage: FsspecStorage, name: str, report: LoadReport) -> dict[str, So
         return _plan_torch(storage, name, where, report)
     length = header_length(head, size, where)
     header = parse_header(_read(storage, name, 8, 8 + length, report), size, where)
-    return {k: SourceTensor(k, e.dtype, e.shape, e.start, e.end) for k, e in header.entries.items()}
+    sources = {k: SourceTensor(k, e.dtype, e.shape, e.start, e.end) for k, e in header.entries.items()}
+    metadata: dict[str, Any] = dict(header.metadata)
+    if TREE_METADATA_KEY in metadata:
+        try:
+            metadata[TREE_METADATA_KEY] = unflatten(json.loads(metadata[TREE_METADATA_KEY]), lambda k, _: f"<tensor {k}>")
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CorruptCheckpointError(f"{where}: the state skeleton is not valid: {err!r}") from err
+    return sources, metadata
 
 
-def _plan_torch(storage: FsspecStorage, name: str, where: str, report: LoadReport) -> dict[str, SourceTensor]:
+def _plan_torch(storage: FsspecStorage, name: str, where: str, report: LoadReport) -> tuple[dict[str, SourceTensor], Any]:
     with storage.open_read(name, exact=True) as f:
         counted = _CountingFile(f)
-        refs, header_offsets = read_plan(counted, where)  # type: ignore[arg-type]
+        refs, header_offsets, obj = read_plan(counted, where)  # type: ignore[arg-type]
     report.bytes_read += counted.bytes_read
     report.requests += counted.reads
     members = sorted({r.storage.member for r in refs.values()})
@@ -168,7 +203,17 @@ def _plan_torch(storage: FsspecStorage, name: str, where: str, report: LoadRepor
         base = starts[r.storage.member]
         sources[k] = SourceTensor(k, r.dtype, r.shape, base + begin, base + end,
                                   None if contiguous else r.stride, 0)
-    return sources
+    return sources, _describe_refs(obj)
+
+
+def _describe_refs(obj: Any) -> Any:
+    if isinstance(obj, TensorRef):
+        return f"<tensor {obj.dtype} {list(obj.shape)}>"
+    if isinstance(obj, dict):
+        return {k: _describe_refs(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_describe_refs(v) for v in obj]
+    return obj
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

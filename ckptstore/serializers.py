@@ -34,7 +34,8 @@ MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 TREE_METADATA_KEY = "ckptstore.tree"
 
 
-CHUNK_BYTES = 8 * 2**20  # the largest slice handed to a store at once: bounds its buffers
+CHUNK_BYTES = 2 * 2**20  # the largest slice handed to a store at once: bounds its buffers
+STAGING_BYTES = 16 * 2**20  # device -> host staging for tensors not on the CPU
 
 
 class ChecksumWriter:
@@ -66,10 +67,10 @@ class ChecksumWriter:
             return
         flat = t.contiguous().reshape(-1).view(torch.uint8)
         if self._staging is None:  # one reusable pinned buffer per file
-            self._staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         staging = self._staging
-        for start in range(0, flat.numel(), CHUNK_BYTES):
-            chunk = flat[start : start + CHUNK_BYTES]
+        for start in range(0, flat.numel(), STAGING_BYTES):
+            chunk = flat[start : start + STAGING_BYTES]
             staging[: chunk.numel()].copy_(chunk)
             self.write(staging[: chunk.numel()].numpy())
 
@@ -194,17 +195,17 @@ class TorchFormat:
         if local is not None:
             if expected_crc is not None:
                 with open(local, "rb") as f:
-                    check_crc(_crc_of_stream(ChecksumReader(f, src.where), src.size), expected_crc, src.where)
+                    check_crc(crc_of_stream(ChecksumReader(f, src.where), src.size), expected_crc, src.where)
             return torch_load(local, src.where, map_location, weights_only)
         with tempfile.NamedTemporaryFile(prefix="ckptstore-", suffix=".pt") as tmp:
             with src.storage.open_read(src.path) as raw:
-                crc = _crc_of_stream(ChecksumReader(raw, src.where), src.size, copy_to=tmp)
+                crc = crc_of_stream(ChecksumReader(raw, src.where), src.size, copy_to=tmp)
             tmp.flush()
             check_crc(crc, expected_crc, src.where)
             return torch_load(tmp.name, src.where, map_location, weights_only)
 
 
-def _crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None) -> int:
+def crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None) -> int:
     buffer = bytearray(max(1, min(CHUNK_BYTES, size)))
     for start in range(0, size, len(buffer)):
         view = memoryview(buffer)[: min(len(buffer), size - start)]

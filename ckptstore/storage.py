@@ -33,6 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
 
+PART_BYTES = 16 * 2**20
+MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -203,15 +205,22 @@ class FsspecStorage:
 
     # -- writes ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def open_write(self, path: str) -> Iterator[IO[bytes]]:
-        """Stream bytes to ``path``; it appears, whole, only when the block exits cleanly."""
+    def open_write(self, path: str, size_hint: int = 0) -> Iterator[IO[bytes]]:
+        """Stream bytes to ``path``; it appears, whole, only when the block exits cleanly.
+
+        On object stores the upload part size is ``PART_BYTES``, or larger when ``size_hint``
+        (the expected size) needs it to stay within S3's 10,000 parts. The client holds about
+        three copies of one part at a time (fsspec's buffer, s3fs's part, the HTTP body), so
+        the part size, not the file size, bounds the memory a save costs.
+        """
         full = self._full(path)
         with self._errors("write", path):
             if self.is_local:
                 with _local_atomic_file(full) as f:
                     yield f
                 return
-            f = self.fs.open(full, "wb", autocommit=False)
+            part = max(PART_BYTES, -(-size_hint // MAX_PARTS))
+            f = self.fs.open(full, "wb", autocommit=False, block_size=part)
             try:
                 yield f
             except BaseException:

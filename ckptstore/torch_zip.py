@@ -59,8 +59,10 @@ class TensorRef:
         return self.offset * self.itemsize, (last + 1) * self.itemsize
 
 
-def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str, int]]:
-    """Return ``({key: TensorRef}, {member: header_offset})`` for the torch zip in ``f``.
+def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str, int], Any]:
+    """Return ``({key: TensorRef}, {member: header_offset}, object)`` for the torch zip in ``f``.
+
+    ``object`` is the saved object with every tensor replaced by its :class:`TensorRef`.
 
     Keys are the path to each tensor joined by ``/`` (a plain state_dict keeps its own keys).
     """
@@ -84,7 +86,7 @@ def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str,
     tensors: dict[str, TensorRef] = {}
     _collect(obj, "", tensors)
     offsets = {name: i.header_offset for name, i in infos.items()}
-    return tensors, offsets
+    return tensors, offsets, obj
 
 
 def data_start(local_header: bytes, header_offset: int, where: str) -> int:

@@ -58,3 +58,57 @@ def test_demo_is_preempted_by_sigkill_and_resumes_exactly(tmp_path):
     assert "bit for bit: True" in out.stdout
     assert [c.step for c in CheckpointManager(root).checkpoints()] == [3, 4]
     assert (Path(root) / "model_best.safetensors").exists()
+
+
+def storage_args(store) -> list[str]:
+    return [arg for k, v in store.storage_options.items() for arg in ("--storage-option", f"{k}={json.dumps(v)}")]
+
+
+def test_inspect_reads_only_the_header(process_store):
+    store = process_store
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    info = mgr.save({"model": torch.nn.Linear(256, 256), "epoch": 7}, step=3, metrics={"loss": 0.5})
+    out = run("inspect", info.url, "--json", *storage_args(store))
+    assert out.returncode == 0, out.stderr
+    desc = json.loads(out.stdout)
+    assert desc["checkpoint"]["step"] == 3 and desc["values"]["ckptstore.tree"]["epoch"] == 7
+    assert {t["name"]: t["shape"] for t in desc["tensors"]} == {"model/weight": [256, 256], "model/bias": [256]}
+    assert desc["header_bytes_read"] < info.size / 50
+
+
+def test_verify_names_the_damaged_checkpoint_and_exits_1(process_store):
+    store = process_store
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    mgr.save({"w": torch.zeros(100)}, step=0)
+    bad = mgr.save({"w": torch.ones(100)}, step=1)
+    assert run("verify", store.url, *storage_args(store)).returncode == 0
+    path = f"{bad.name}/{bad.files[0].path}"
+    data = bytearray(mgr.storage.read(path))
+    data[-1] ^= 0xFF
+    with mgr.storage.open_write(path) as f:
+        f.write(bytes(data))
+    out = run("verify", store.url, "--json", *storage_args(store))
+    assert out.returncode == 1
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["step_00000000"]["ok"] and "fails its checksum" in rows["step_00000001"]["problem"]
+
+
+def test_prune_is_a_dry_run_unless_yes(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    for step in range(4):
+        mgr.save({"x": step}, step=step)
+    out = run("prune", str(tmp_path), "--keep-last", "2")
+    assert "would delete step_00000000" in out.stdout and len(mgr.checkpoints()) == 4
+    out = run("prune", str(tmp_path), "--keep-last", "2", "--yes")
+    assert out.returncode == 0 and [c.step for c in mgr.checkpoints()] == [2, 3]
+
+
+def test_convert_between_formats_and_stores(remote_store, tmp_path):
+    sd = torch.nn.Linear(3, 3).state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    dst = f"{remote_store.url}/m.safetensors"
+    assert run("convert", str(tmp_path / "m.pt"), dst, *storage_args(remote_store)).returncode == 0
+    back = tmp_path / "back.pt"
+    assert run("convert", dst, str(back), *storage_args(remote_store)).returncode == 0
+    loaded = torch.load(back, weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)

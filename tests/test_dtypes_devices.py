@@ -78,7 +78,7 @@ def test_saved_device_is_recorded_and_remapped(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_tensors_go_through_the_staging_buffer(fmt):
     mgr = CheckpointManager(f"memory://cuda-{uuid.uuid4().hex}", format=fmt)
-    w = torch.randn(3 * 2**20 + 5, device="cuda")  # > one 8 MiB staging chunk
+    w = torch.randn(5 * 2**20 + 5, device="cuda")  # > one 16 MiB staging chunk
     mgr.save({"w": w}, step=0)
     assert torch.equal(mgr.restore()["w"], w)
     assert mgr.restore(map_location="cpu")["w"].device.type == "cpu"
