@@ -24,5 +24,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ckptstore tests
 	$(VENV)/bin/mypy ckptstore
 
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_save_memory.py
+	$(PY) benchmarks/bench_load.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .hypothesis *.egg-info
