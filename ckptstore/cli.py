@@ -65,7 +65,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{desc['url']} ({desc['header_bytes_read']:,} header bytes read)")
     print(f"{'name':<48} {'dtype':<14} {'shape':<20} {'bytes':>14}")
     for t in desc["tensors"]:
-        print(f"{t['name']:<48} {t['dtype']:<14} {str(t['shape']):<20} {t['bytes']:>14,}")
+        print(f"{t['name']:<48} {t['dtype']:<14} {t['shape']!s:<20} {t['bytes']:>14,}")
     print(f"{len(desc['tensors'])} tensors, {sum(t['bytes'] for t in desc['tensors']):,} bytes")
     print("values:", json.dumps(desc["values"], default=str))
     return 0

@@ -13,21 +13,26 @@ is a copy plus a delete, not atomic) and a local disk can do everything an objec
    of two writers of one step exactly one commits.
 
 Deleting runs the other way round: the manifest first (the checkpoint vanishes atomically),
-then the data. A folder that holds only ckptstore data files and no manifest is an abandoned
-save (a killed job); :func:`clean_abandoned` removes it. Folders that hold anything else are
-never touched, so a checkpoint root can share a bucket prefix with other files.
+then the data. A folder that holds only ckptstore data files and no manifest, and has been
+idle for a while, is an abandoned save (a killed job); :func:`clean_abandoned` removes it.
+"Idle for a while" matters: the folder of a save in progress elsewhere (a second process,
+or the old instance of a reclaimed spot job still flushing its last checkpoint) looks the
+same, and deleting it would let that writer commit a manifest whose data is gone. As a
+second guard a writer checks its data file after committing and un-commits if it vanished.
+Folders that hold anything else are never touched, so a root can share a prefix with logs.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError
+from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
 from .serializers import ChecksumReader, ChecksumWriter, Format, MapLocation, Source, check_crc, crc_of_stream, get_format
 from .storage import FsspecStorage
@@ -44,7 +49,7 @@ class Scan:
 
     committed: list[CheckpointInfo]
     corrupt: list[str]
-    abandoned: list[str]
+    abandoned: dict[str, float]  # folder -> newest modification time of its files
     stray: list[str]
 
 
@@ -69,6 +74,12 @@ def write_checkpoint(
     except FileExistsError as err:  # another writer committed this step first: keep theirs
         storage.delete(f"{name}/{data_name}")
         raise _exists(storage, name) from err
+    if not storage.exists(f"{name}/{data_name}"):  # removed under us by a concurrent cleanup
+        storage.delete(manifest_path)
+        raise StorageError(
+            f"{storage.url(name)}: the data file vanished while committing (another process cleaned the "
+            "folder); the checkpoint was un-committed. Do not let two jobs write the same root"
+        )
     return info
 
 
@@ -82,10 +93,12 @@ def _exists(storage: FsspecStorage, name: str) -> CheckpointExists:
 def scan(storage: FsspecStorage) -> Scan:
     """List the root once and read every manifest (concurrently where the store can)."""
     folders: dict[str, list[str]] = {}
-    for path in storage.list_files():
+    newest: dict[str, float] = {}
+    for path, mtime in storage.list_files().items():
         folder, _, rest = path.partition("/")
         if rest and "/" not in rest:
             folders.setdefault(folder, []).append(rest)
+            newest[folder] = max(newest.get(folder, 0.0), mtime)
     manifests = [f"{f}/{MANIFEST_NAME}" for f, files in folders.items() if MANIFEST_NAME in files]
     committed, corrupt = [], []
     for path, data in sorted(storage.read_many(manifests).items()):
@@ -98,16 +111,16 @@ def scan(storage: FsspecStorage) -> Scan:
         except CorruptCheckpointError as err:
             log.warning("ignoring %s: %s", folder, err)
             corrupt.append(folder)
-    abandoned = [
-        f for f, files in folders.items()
+    abandoned = {
+        f: newest[f] for f, files in sorted(folders.items())
         if MANIFEST_NAME not in files and all(_DATA_FILE.match(n) for n in files)
-    ]
+    }
     stray = [
         f"{i.name}/{n}" for i in committed for n in folders[i.name]
         if n != MANIFEST_NAME and _DATA_FILE.match(n) and n not in {e.path for e in i.files}
     ]
     committed.sort(key=lambda i: (i.step, i.created))
-    return Scan(committed, sorted(corrupt), sorted(abandoned), stray)
+    return Scan(committed, sorted(corrupt), abandoned, stray)
 
 
 def read_checkpoint(
@@ -154,11 +167,13 @@ def delete_checkpoint(storage: FsspecStorage, name: str) -> None:
     storage.delete(name)
 
 
-def clean_abandoned(storage: FsspecStorage, found: Scan) -> list[str]:
-    """Delete abandoned partial saves and stray data files inside committed folders."""
-    for folder in found.abandoned:
+def clean_abandoned(storage: FsspecStorage, found: Scan, idle_seconds: float, now: float | None = None) -> list[str]:
+    """Delete abandoned saves idle for ``idle_seconds``, and stray data files in committed folders."""
+    now = time.time() if now is None else now
+    gone = [folder for folder, mtime in found.abandoned.items() if now - mtime >= idle_seconds]
+    for folder in gone:
         log.info("removing abandoned partial checkpoint %s", storage.url(folder))
         storage.delete(folder)
     for path in found.stray:
         storage.delete(path)
-    return list(found.abandoned)
+    return gone

@@ -45,6 +45,8 @@ class CheckpointManager:
         export_best: optional file name (``model_best.safetensors`` or ``.pt``) under the root,
             atomically replaced with the weights of ``state[export_key]`` on every new best.
         export_key: the state entry ``export_best`` exports.
+        abandoned_after: seconds a folder without manifest must be idle before a save or
+            prune deletes it as an abandoned save (a save in progress elsewhere is not idle).
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -67,6 +69,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         export_best: str | None = None,
         export_key: str = "model",
+        abandoned_after: float = 600.0,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
         self.format = get_format(format)
@@ -75,6 +78,9 @@ class CheckpointManager:
             if "/" in export_best or not export_best.endswith((".safetensors", ".pt", ".pth")):
                 raise ConfigError(f"`export_best` must be a file name ending in .safetensors, .pt or .pth, got {export_best!r}")
         self.export_best, self.export_key = export_best, export_key
+        if abandoned_after < 0:
+            raise ConfigError(f"`abandoned_after` must be >= 0 seconds, got {abandoned_after!r}")
+        self.abandoned_after = abandoned_after
         self.storage_options = storage_options
         self.storage = open_storage(root, storage_options)
         self.storage.check_bucket()
@@ -124,7 +130,7 @@ class CheckpointManager:
             raise CheckpointExists(
                 f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
             )
-        commit.clean_abandoned(self.storage, found)
+        commit.clean_abandoned(self.storage, found, self.abandoned_after)
         info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
@@ -138,7 +144,7 @@ class CheckpointManager:
         found = commit.scan(self.storage)
         doomed = self._doomed(found.committed)
         if not dry_run:
-            commit.clean_abandoned(self.storage, found)
+            commit.clean_abandoned(self.storage, found, self.abandoned_after)
             self._delete(doomed)
         return doomed
 

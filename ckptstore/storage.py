@@ -25,6 +25,7 @@ import contextlib
 import errno
 import os
 import uuid
+from datetime import datetime
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -183,16 +184,19 @@ class FsspecStorage:
         names = {e.rstrip("/")[len(prefix):] for e in entries if e.rstrip("/").startswith(prefix)}
         return sorted(n for n in names if n and "/" not in n)
 
-    def list_files(self) -> list[str]:
-        """Every file below the root, as relative paths, in one listing where the store can."""
+    def list_files(self) -> dict[str, float]:
+        """Every file below the root: relative path -> modification time (Unix seconds).
+
+        One recursive listing where the store can (a paginated LIST on object stores).
+        """
         self.fs.invalidate_cache(self.root)
         try:
             with self._errors("list", ""):
-                found = self.fs.find(self.root)
+                found = self.fs.find(self.root, detail=True)
         except CheckpointNotFound:
-            return []
+            return {}
         prefix = self.root.rstrip("/") + "/"
-        return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+        return {p[len(prefix):]: _mtime(info) for p, info in sorted(found.items()) if p.startswith(prefix)}
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Read several whole small files, concurrently where the store can."""
@@ -297,6 +301,19 @@ class FsspecStorage:
                     "lower keep_last. Earlier checkpoints are intact."
                 ) from err
             raise StorageError(f"cannot {op} {where}: {err}") from err
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """A listing entry's modification time, whatever the store calls it."""
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0  # unknown: treat as old
 
 
 @contextlib.contextmanager

@@ -166,12 +166,12 @@ def _join(key: str, child: Any) -> str:
     return f"{key}/{child}" if key else str(child)
 
 
-def unflatten(skeleton: Any, load_tensor: Callable[[str, str], torch.Tensor]) -> Any:
+def unflatten(skeleton: Any, load_tensor: Callable[[str, str], Any]) -> Any:
     """Rebuild the canonical tree; ``load_tensor(key, saved_device)`` supplies each tensor.
 
     A key referenced twice (tied weights) is loaded once and shared.
     """
-    loaded: dict[str, torch.Tensor] = {}
+    loaded: dict[str, Any] = {}
 
     def decode(node: Any) -> Any:
         if isinstance(node, list):

@@ -31,6 +31,19 @@ SAVER = textwrap.dedent(
 )
 
 
+def settle(storage, quiet_seconds: float = 0.5, timeout: float = 20.0) -> None:
+    """Wait until the listing stops changing: a request the killed writer had already sent
+    (a PUT, a multipart completion) may still finish on the server after the kill."""
+    deadline = time.monotonic() + timeout
+    before = storage.list_files()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_seconds)
+        after = storage.list_files()
+        if after == before:
+            return
+        before = after
+
+
 def spawn_saver(store, fmt: str, numel: int) -> subprocess.Popen[str]:
     args = json.dumps({"root": store.url, "storage_options": store.storage_options, "fmt": fmt, "numel": numel})
     return subprocess.Popen([sys.executable, "-c", SAVER, args], stdout=subprocess.PIPE, text=True)
@@ -51,17 +64,23 @@ def test_sigkill_mid_save_never_exposes_a_partial_checkpoint(process_store, fmt)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+        settle(mgr.storage)
         infos = mgr.checkpoints()
         assert infos, "the first committed save must survive the kill"
         for info in infos:
             values = mgr.restore(which=info.step)
             assert values["step"] == info.step
             assert torch.equal(values["w"], torch.full((numel,), float(info.step)))
-    mgr.save({"w": torch.zeros(1), "step": -1}, step=10_000)  # the next save cleans abandoned folders
     from ckptstore import commit
 
+    patient = CheckpointManager(store.url, storage_options=store.storage_options)
+    patient.save({"w": torch.zeros(1), "step": -1}, step=10_000)
+    fresh = commit.scan(mgr.storage).abandoned  # a just-killed save looks like one in progress: kept
+    eager = CheckpointManager(store.url, storage_options=store.storage_options, abandoned_after=0)
+    eager.save({"w": torch.zeros(1), "step": -1}, step=10_001)  # idle long enough: cleaned
     found = commit.scan(mgr.storage)
-    assert found.abandoned == [] and found.stray == []
+    assert found.abandoned == {} and found.stray == []
+    assert set(fresh) <= {f"step_{s:08d}" for s in range(10_000)}
 
 
 def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(tmp_path):
