@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import posixpath
+import subprocess
 import sys
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -111,6 +113,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH_SCRIPTS = {"suite": "bench_suite.py", "save-memory": "bench_save_memory.py", "load": "bench_load.py"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    script = BENCHMARKS / BENCH_SCRIPTS[args.which]
+    if not script.exists():
+        raise CkptStoreError(f"{script} not found: `ckptstore bench` runs the benchmarks of a source checkout (git clone)")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -164,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--mode", choices=["min", "max"], default="min")
     prune.add_argument("--yes", action="store_true", help="really delete")
     prune.set_defaults(func=_cmd_prune)
+
+    bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",
+                "ckptstore bench suite --quick   (or: save-memory, load; see benchmarks/README.md)")
+    bench.add_argument("which", choices=sorted(BENCH_SCRIPTS), nargs="?", default="suite")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = add("demo", "train, get preempted (SIGKILL), resume exactly", "ckptstore demo --root ./runs/demo --fresh")
     demo.add_argument("--root", default="./runs/demo")
