@@ -647,7 +647,7 @@ def render_section(data: dict[str, Any]) -> str:
         + ("S3 is a moto server in the benchmark's parent process on 127.0.0.1 (objects held in its memory, not "
            "counted here; its throughput, not the client's, sets the wall times), "
            + (f"s3fs block size {block:g} MiB (`storage_options['default_block_size']`).\n\n"
-              if block else "s3fs default block size (50 MiB).\n\n")
+              if block else "ckptstore uploads 16 MiB parts (its own setting); the stock peer uses s3fs's default 50 MiB.\n\n")
            if need_s3 else "\n\n")
         + markdown_table(rows, a["fixed_buffer_mib"])
         + scaling_markdown(rows)
