@@ -39,12 +39,12 @@ from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .storage import FsspecStorage, open_storage
 from .serializers import TREE_METADATA_KEY
-from .torch_zip import LOCAL_HEADER_SIZE, TensorRef, data_start, read_plan
+from .torch_zip import TensorRef, data_start, read_plan
 from .tree import unflatten
 
 KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
 DEFAULT_MAX_BUFFER = 256 * 2**20
-COALESCE_GAP = 64 * 2**10  # merging costs at most this many extra bytes per join
+COALESCE_WASTE = 0.05  # a merged request fetches at most 5% more than the bytes it needs
 
 
 @dataclass
@@ -71,6 +71,7 @@ class SourceTensor:
     end: int
     stride: tuple[int, ...] | None = None  # None: contiguous
     offset: int = 0  # element offset of the view inside [start, end)
+    zip_header: tuple[int, int] | None = None  # torch zips: (local header offset, predicted data start)
 
 
 def load_partial(
@@ -190,19 +191,13 @@ def _plan_torch(storage: FsspecStorage, name: str, where: str, report: LoadRepor
         refs, header_offsets, obj = read_plan(counted, where)  # type: ignore[arg-type]
     report.bytes_read += counted.bytes_read
     report.requests += counted.reads
-    members = sorted({r.storage.member for r in refs.values()})
-    ranges = [(header_offsets[m], header_offsets[m] + LOCAL_HEADER_SIZE) for m in members]
-    headers = storage.read_ranges(name, ranges) if ranges else []
-    report.bytes_read += sum(len(h) for h in headers)
-    report.requests += len(headers)
-    starts = {m: data_start(h, r[0], where) for m, h, r in zip(members, headers, ranges)}
     sources = {}
     for k, r in refs.items():
         begin, end = r.span()
         contiguous = r.stride == _contiguous_stride(r.shape)
-        base = starts[r.storage.member]
+        header_offset, base = header_offsets[r.storage.member]
         sources[k] = SourceTensor(k, r.dtype, r.shape, base + begin, base + end,
-                                  None if contiguous else r.stride, 0)
+                                  None if contiguous else r.stride, 0, (header_offset, base))
     return sources, _describe_refs(obj)
 
 
@@ -274,6 +269,26 @@ class _Part:
     dest: torch.Tensor
 
 
+@dataclass
+class _Request:
+    """One ranged read ``[start, end)`` serving several parts."""
+
+    start: int
+    end: int
+    parts: list[_Part]
+    needed: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.needed = self.end - self.start
+
+    def add(self, part: _Part) -> None:
+        self.skipped += max(part.start - self.end, 0)
+        self.needed += max(part.end - max(part.start, self.end), 0)
+        self.end = max(self.end, part.end)
+        self.parts.append(part)
+
+
 class _Transfer:
     def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, report: LoadReport) -> None:
         if max_buffer < 2**16:
@@ -301,49 +316,63 @@ class _Transfer:
                 finalizers.append(_finish(src, tmp, k, live, where, target))
             parts.extend(_Part(s, min(s + self.chunk, src.end), dest[s - src.start : min(s + self.chunk, src.end) - src.start])
                          for s in range(src.start, src.end, self.chunk))
+        # torch zips: each member's local header rides along in the same request as its data
+        headers = {src.zip_header: torch.empty(src.zip_header[1] - src.zip_header[0], dtype=torch.uint8)
+                   for src, _ in selected if src.zip_header is not None}
+        parts.extend(_Part(start, data, scratch) for (start, data), scratch in headers.items())
         for batch in self._batches(sorted(parts, key=lambda p: p.start)):
             self._fetch(batch)
+        for (start, data), scratch in headers.items():
+            if data_start(scratch.numpy().tobytes(), start, self.storage.url(self.name)) != data:
+                raise CorruptCheckpointError(
+                    f"{self.storage.url(self.name)}: the zip member at {start} is not laid out as torch.save writes it; "
+                    "load it with ckptstore.load instead"
+                )
         if self._events:
             torch.cuda.synchronize()
         for finish in finalizers:
             finish()
 
-    def _batches(self, parts: list[_Part]) -> Iterator[list[list[_Part]]]:
-        """Group parts into requests (coalesced runs) and requests into batches <= max_buffer."""
-        batch: list[list[_Part]] = []
+    def _batches(self, parts: list[_Part]) -> Iterator[list[_Request]]:
+        """Coalesce sorted parts into requests, and requests into batches of <= max_buffer bytes.
+
+        A gap joins two parts only while the request's skipped bytes stay within
+        ``COALESCE_WASTE`` of its needed bytes, so the whole load moves at most 5% extra.
+        """
+        batch: list[_Request] = []
         size = 0
         for part in parts:
             request = batch[-1] if batch else None
-            if request and part.start - request[-1].end <= COALESCE_GAP and part.end - request[0].start <= self.chunk:
-                size += part.end - request[-1].end
-                request.append(part)
+            gap = part.start - request.end if request else 0
+            if (request and part.end - request.start <= self.chunk
+                    and request.skipped + max(gap, 0) <= COALESCE_WASTE * (request.needed + part.end - part.start)):
+                size += max(part.end - request.end, 0)
+                request.add(part)
             else:
                 if batch and size + (part.end - part.start) > self.max_buffer:
                     yield batch
                     batch, size = [], 0
-                batch.append([part])
+                batch.append(_Request(part.start, part.end, [part]))
                 size += part.end - part.start
         if batch:
             yield batch
 
-    def _fetch(self, batch: list[list[_Part]]) -> None:
+    def _fetch(self, batch: list[_Request]) -> None:
         if self.local is not None:
             fd = os.open(self.local, os.O_RDONLY)
             try:
                 for request in batch:
-                    for part in request:
+                    for part in request.parts:
                         self._pread(fd, part)
             finally:
                 os.close(fd)
             return
-        ranges = [(r[0].start, r[-1].end) for r in batch]
-        chunks = self.storage.read_ranges(self.name, ranges)
-        self.report.requests += len(ranges)
+        chunks = self.storage.read_ranges(self.name, [(r.start, r.end) for r in batch])
+        self.report.requests += len(batch)
         for request, data in zip(batch, chunks):
             self.report.bytes_read += len(data)
-            base = request[0].start
-            for part in request:
-                self._land(memoryview(data)[part.start - base : part.end - base], part.dest)
+            for part in request.parts:
+                self._land(memoryview(data)[part.start - request.start : part.end - request.start], part.dest)
 
     def _pread(self, fd: int, part: _Part) -> None:
         if part.dest.device.type == "cpu":

@@ -172,3 +172,16 @@ def test_single_file_helper_writes_what_load_partial_reads(tmp_path):
     ckptstore.save(model.state_dict(), tmp_path / "m.pt")
     target = finetune_target()
     assert "embed.weight" in load_partial(tmp_path / "m.pt", target).loaded
+
+
+def test_tied_storages_and_coalescing_stay_within_five_percent(store):
+    """Tied weights (one storage, two keys) and many small tensors: exact values, <= 5% extra bytes."""
+    emb = torch.randn(50, 8)
+    source = {"emb.weight": emb, "head.weight": emb, **{f"b{i}": torch.randn(i + 1) for i in range(60)}}
+    url = upload(store, "tied.pt", stock_file("torch", source))
+    target = {"emb.weight": torch.zeros(50, 8), "head.weight": torch.zeros(50, 8),
+              **{f"b{i}": torch.zeros(i + 1) for i in range(0, 60, 3)}}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    assert all(torch.equal(target[k], source[k]) for k in target)
+    needed = emb.numel() * 4 + sum((i + 1) * 4 for i in range(0, 60, 3))
+    assert needed <= report.bytes_read <= 1.05 * needed + 64 * 1024  # + the zip directory and data.pkl
