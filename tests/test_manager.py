@@ -301,3 +301,15 @@ def test_abandoned_cleanup_waits_for_idle_folders():
     assert commit.clean_abandoned(storage, found, idle_seconds=600, now=mtime + 599) == []
     assert commit.clean_abandoned(storage, found, idle_seconds=600, now=mtime + 601) == ["step_00000001"]
     assert commit.scan(storage).abandoned == {}
+
+
+def test_nested_tensors_are_filled_in_place(store):
+    mgr = manager(store)
+    mgr.save({"buffers": {"ema": [torch.arange(4.0), torch.ones(2)], "note": "x"}, "step": 3}, step=3)
+    ema0, ema1 = torch.zeros(4), torch.zeros(2)
+    target = {"buffers": {"ema": [ema0, ema1]}}
+    values = mgr.restore(target)
+    assert torch.equal(ema0, torch.arange(4.0)) and torch.equal(ema1, torch.ones(2))  # pre-allocated memory
+    assert values["buffers"]["ema"][0] is ema0 and values["buffers"]["note"] == "x" and values["step"] == 3
+    with pytest.raises(ckptstore.StateMismatchError, match="shape"):
+        mgr.restore({"buffers": {"ema": [torch.zeros(5), ema1]}})
