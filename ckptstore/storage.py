@@ -130,6 +130,8 @@ class FsspecStorage:
     # -- reads ----------------------------------------------------------------------------
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         """Read ``path``, or its half-open byte range ``[start, end)``."""
+        if start is not None and end is not None and end <= start:
+            return b""  # S3 answers an empty range with the whole object
         with self._errors("read", path):
             return bytes(self.fs.cat_file(self._full(path), start=start, end=end))
 
@@ -162,14 +164,18 @@ class FsspecStorage:
             yield f
 
     def size(self, path: str) -> int:
-        """Size of ``path`` in bytes."""
+        """Size of ``path`` in bytes (asked of the store, not of a cached listing)."""
+        full = self._full(path)
+        self.fs.invalidate_cache(full)
         with self._errors("read", path):
-            return int(self.fs.size(self._full(path)))
+            return int(self.fs.size(full))
 
     def exists(self, path: str) -> bool:
-        """True if the file ``path`` exists."""
+        """True if the file ``path`` exists (asked of the store, not of a cached listing)."""
+        full = self._full(path)
+        self.fs.invalidate_cache(full)
         with self._errors("read", path):
-            return bool(self.fs.exists(self._full(path)))
+            return bool(self.fs.exists(full))
 
     def list_dir(self, path: str = "") -> list[str]:
         """Names of the direct children (files and folders) of ``path``; [] if absent."""
