@@ -44,12 +44,17 @@ from .tree import unflatten
 
 KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
 DEFAULT_MAX_BUFFER = 256 * 2**20
+HEAD_BYTES = 64 * 2**10  # first read: one request for the length prefix and a typical header
 COALESCE_WASTE = 0.05  # a merged request fetches at most 5% more than the bytes it needs
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_partial` did. ``skipped_shape`` maps key -> (source shape, target shape)."""
+    """What :func:`load_partial` did. ``skipped_shape`` maps key -> (source shape, target shape).
+
+    ``bytes_read`` and ``requests`` count the loader's reads of the file (header, directory,
+    tensor ranges); metadata calls (the manifest probe, size lookups) are not included.
+    """
 
     loaded: list[str] = field(default_factory=list)
     skipped_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
@@ -170,11 +175,12 @@ def _plan(storage: FsspecStorage, name: str, report: LoadReport) -> tuple[dict[s
     """The file's tensors, and its non-tensor content (tensors shown as ``"<tensor key>"``)."""
     size = storage.size(name)
     where = storage.url(name)
-    head = _read(storage, name, 0, min(8, size), report)
+    head = _read(storage, name, 0, min(HEAD_BYTES, size), report)  # length prefix and, usually, the header
     if head[:4] == b"PK\x03\x04":
         return _plan_torch(storage, name, where, report)
-    length = header_length(head, size, where)
-    header = parse_header(_read(storage, name, 8, 8 + length, report), size, where)
+    length = header_length(head[:8], size, where)
+    raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, report)
+    header = parse_header(raw, size, where)
     sources = {k: SourceTensor(k, e.dtype, e.shape, e.start, e.end) for k, e in header.entries.items()}
     metadata: dict[str, Any] = dict(header.metadata)
     if TREE_METADATA_KEY in metadata:

@@ -67,12 +67,12 @@ def storage_args(store) -> list[str]:
 def test_inspect_reads_only_the_header(process_store):
     store = process_store
     mgr = CheckpointManager(store.url, storage_options=store.storage_options)
-    info = mgr.save({"model": torch.nn.Linear(256, 256), "epoch": 7}, step=3, metrics={"loss": 0.5})
+    info = mgr.save({"model": torch.nn.Linear(1024, 1024), "epoch": 7}, step=3, metrics={"loss": 0.5})  # 4 MiB
     out = run("inspect", info.url, "--json", *storage_args(store))
     assert out.returncode == 0, out.stderr
     desc = json.loads(out.stdout)
     assert desc["checkpoint"]["step"] == 3 and desc["values"]["ckptstore.tree"]["epoch"] == 7
-    assert {t["name"]: t["shape"] for t in desc["tensors"]} == {"model/weight": [256, 256], "model/bias": [256]}
+    assert {t["name"]: t["shape"] for t in desc["tensors"]} == {"model/weight": [1024, 1024], "model/bias": [1024]}
     assert desc["header_bytes_read"] < info.size / 50
 
 
