@@ -102,9 +102,7 @@ class CheckpointManager:
 
     def best(self) -> CheckpointInfo | None:
         """The best committed checkpoint by ``monitor`` (None without monitor or metrics)."""
-        if not self.policy.monitor:
-            return None
-        ranked = retention.ranked_best(self.checkpoints(), self.policy.monitor, self.policy.mode)
+        ranked = self._ranked(self.checkpoints())
         return ranked[0] if ranked else None
 
     # -- saving ---------------------------------------------------------------------------
@@ -243,13 +241,13 @@ class CheckpointManager:
     # -- helpers --------------------------------------------------------------------------
     def _find(self, which: Which, infos: list[CheckpointInfo]) -> CheckpointInfo:
         if which == "best":
-            found = self.best()
-            if found is None:
+            ranked = self._ranked(infos)
+            if not ranked:
                 raise CheckpointNotFound(
                     f"no checkpoint under {self.root} has a finite `{self.policy.monitor}`; "
                     "pass monitor= and save metrics, or restore 'latest'"
                 )
-            return found
+            return ranked[0]
         if isinstance(which, int) and not isinstance(which, bool):
             match = [i for i in infos if i.step == which]
         elif isinstance(which, str):
@@ -271,9 +269,13 @@ class CheckpointManager:
             )
         return name
 
-    def _is_best(self, info: CheckpointInfo, committed: list[CheckpointInfo]) -> bool:
+    def _ranked(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """Checkpoints with a finite ``monitor`` value, best first ([] without a monitor)."""
         monitor = self.policy.monitor
-        ranked = retention.ranked_best(committed, monitor, self.policy.mode) if monitor else []
+        return retention.ranked_best(infos, monitor, self.policy.mode) if monitor else []
+
+    def _is_best(self, info: CheckpointInfo, committed: list[CheckpointInfo]) -> bool:
+        ranked = self._ranked(committed)
         return bool(ranked) and ranked[0].name == info.name
 
     def _export(self, tree: dict[str, Any], info: CheckpointInfo) -> None:
