@@ -56,10 +56,12 @@ class Scan:
 def write_checkpoint(
     storage: FsspecStorage, name: str, step: int, fmt: Format, tree: Any, metrics: Mapping[str, float]
 ) -> CheckpointInfo:
-    """Write ``tree`` as checkpoint ``name`` and commit it; raise CheckpointExists if taken."""
+    """Write ``tree`` as checkpoint ``name`` and commit it; raise CheckpointExists if taken.
+
+    The caller checks for a committed ``name`` first (one listing); the create-only manifest
+    write settles any race after that check.
+    """
     manifest_path = f"{name}/{MANIFEST_NAME}"
-    if storage.exists(manifest_path):
-        raise _exists(storage, name)
     data_name = f"state-{uuid.uuid4().hex[:8]}{fmt.extension}"
     size_hint = sum(t.numel() * t.element_size() for t in iter_tensors(tree))
     with storage.open_write(f"{name}/{data_name}", size_hint) as raw:

@@ -10,7 +10,6 @@ objects unless the caller passes ``weights_only=False``, as ``torch.load`` does 
 from __future__ import annotations
 
 import os
-import posixpath
 import zipfile
 from typing import Any
 
@@ -20,13 +19,7 @@ from . import tree as treelib
 from .errors import CorruptCheckpointError
 from .safetensors_header import header_length, parse_header
 from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, format_for_path
-from .storage import FsspecStorage, open_storage
-
-
-def _split(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[FsspecStorage, str]:
-    url = os.fspath(url)
-    parent, name = posixpath.split(url.rstrip("/"))
-    return open_storage(parent or ".", storage_options), name
+from .storage import open_parent
 
 
 def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
@@ -37,7 +30,7 @@ def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, An
         >>> load("memory://doc/files/w.pt")["w"]
         tensor([1., 1.])
     """
-    storage, name = _split(url, storage_options)
+    storage, name = open_parent(url, storage_options)
     storage.makedirs()
     fmt = format_for_path(name)
     if isinstance(fmt, SafetensorsFormat):
@@ -56,7 +49,7 @@ def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | Non
     section must have exactly the size the header claims. (Checkpoints get CRC32C from their
     manifest: see :meth:`CheckpointManager.verify`.)
     """
-    storage, name = _split(url, storage_options)
+    storage, name = open_parent(url, storage_options)
     where = storage.url(name)
     with storage.open_read(name) as f:
         if f.read(4) == b"PK\x03\x04":
@@ -84,7 +77,7 @@ def load(
         CorruptCheckpointError: the file is truncated or not in its format.
         CheckpointNotFound: nothing at ``url``.
     """
-    storage, name = _split(url, storage_options)
+    storage, name = open_parent(url, storage_options)
     fmt = format_for_path(name)
     tree = fmt.read(Source(storage, name, storage.size(name)), map_location, weights_only, None)
     return treelib.decanonicalize(tree) if isinstance(fmt, SafetensorsFormat) else tree

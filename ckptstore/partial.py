@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
-from .storage import FsspecStorage, open_storage
+from .storage import FsspecStorage, open_parent, open_storage
 from .serializers import TREE_METADATA_KEY
 from .torch_zip import TensorRef, data_start, read_plan
 from .tree import unflatten
@@ -166,8 +165,7 @@ def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[FsspecSt
     try:
         info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
     except CheckpointNotFound:
-        parent, name = posixpath.split(url.rstrip("/"))
-        return open_storage(parent or ".", storage_options), name, False
+        return (*open_parent(url, storage_options), False)
     return folder, info.files[0].path, True
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import uuid
 from datetime import datetime
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,18 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     except ValueError as err:
         raise StorageError(f"cannot open {url}: {err}") from err
     return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
+
+
+def open_parent(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> tuple[FsspecStorage, str]:
+    """The storage of a file URL's folder, and the file's name in it.
+
+    Example:
+        >>> store, name = open_parent("memory://doc/parent/w.pt")
+        >>> store.url(name)
+        'memory://doc/parent/w.pt'
+    """
+    parent, name = posixpath.split(os.fspath(url).rstrip("/"))
+    return open_storage(parent or ".", storage_options), name
 
 
 def check_relative_path(path: str) -> str:
