@@ -33,7 +33,7 @@ from typing import Any
 import numpy
 import torch
 
-from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
+from .errors import CheckpointNotFound, ConfigError, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .storage import FsspecStorage, open_parent, open_storage
@@ -296,7 +296,7 @@ class _Request:
 class _Transfer:
     def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, report: LoadReport) -> None:
         if max_buffer < 2**16:
-            raise ValueError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
+            raise ConfigError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
         self.storage, self.name, self.report = storage, name, report
         self.max_buffer, self.chunk = max_buffer, max(2**16, max_buffer // 4)
         self.local = storage.local_path(name)

@@ -15,6 +15,8 @@ def test_every_error_is_a_ckptstore_error_and_a_builtin():
     for cls in errors:
         assert issubclass(cls, ckptstore.CkptStoreError)
         assert len(cls.__mro__) > 3 or cls is ckptstore.CkptStoreError, cls  # also a builtin such as ValueError
+        builtins = (ValueError, TypeError, OSError, ImportError)
+        assert cls is ckptstore.CkptStoreError or issubclass(cls, builtins), f"{cls.__name__} subclasses no builtin it means"
 
 
 def test_public_surface_is_small():
