@@ -2,7 +2,9 @@
 
 This is the only module that imports fsspec and the only one that knows one store from
 another. Everything above it speaks relative paths (``"step_00000010/manifest.json"``) and
-asks questions ("can this store rename atomically?") instead of checking URL schemes.
+asks questions (``local_path()``: "is this a local file I can mmap?"; ``check_bucket()``)
+instead of checking URL schemes. Whether rename is atomic is decided here alone: local
+writes rename a temp file into place, object-store writes never rename.
 
 Decisions:
 
@@ -123,11 +125,6 @@ class FsspecStorage:
         self.is_local = isinstance(fs, LocalFileSystem)
 
     # -- capabilities -------------------------------------------------------------------
-    @property
-    def can_rename_atomically(self) -> bool:
-        """True where rename is a metadata operation (local disks), not copy + delete."""
-        return self.is_local
-
     def local_path(self, path: str) -> str | None:
         """The OS path of ``path`` on a local disk, else None (for mmap and ``pread``)."""
         return self._full(path) if self.is_local else None
@@ -189,19 +186,6 @@ class FsspecStorage:
         self.fs.invalidate_cache(full)
         with self._errors("read", path):
             return bool(self.fs.exists(full))
-
-    def list_dir(self, path: str = "") -> list[str]:
-        """Names of the direct children (files and folders) of ``path``; [] if absent."""
-        full = self._full(path)
-        self.fs.invalidate_cache(full)  # object-store listings are cached by fsspec
-        try:
-            with self._errors("list", path):
-                entries = self.fs.ls(full, detail=False)
-        except CheckpointNotFound:
-            return []
-        prefix = full.rstrip("/") + "/"
-        names = {e.rstrip("/")[len(prefix):] for e in entries if e.rstrip("/").startswith(prefix)}
-        return sorted(n for n in names if n and "/" not in n)
 
     def list_files(self) -> dict[str, float]:
         """Every file below the root: relative path -> modification time (Unix seconds).
