@@ -12,11 +12,16 @@ import os
 import posixpath
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from . import files
+from .convert import convert
 from .errors import CkptStoreError, CorruptCheckpointError
 from .manager import CheckpointManager
 from .partial import describe
@@ -96,9 +101,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
-    files.save(files.load(args.src, storage_options=options), args.dst, storage_options=options)
-    print(f"{args.src} -> {args.dst}")
+    with _progress(f"convert {posixpath.basename(args.dst)}") as progress:
+        written = convert(args.src, args.dst, storage_options=options, progress=progress)
+    print(f"{args.src} -> {args.dst} ({written:,} bytes)")
     return 0
+
+
+@contextmanager
+def _progress(desc: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    """A byte counter on stderr: shown only on a terminal, and only once it has run a second.
+
+    ``CKPTSTORE_PROGRESS_DELAY`` (seconds, default 1) changes the second.
+    """
+    delay = float(os.environ.get("CKPTSTORE_PROGRESS_DELAY", "1"))
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=delay,
+              disable=None, leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -162,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=_cmd_verify)
 
-    convert = add("convert", "convert a file between torch (.pt) and safetensors, between any stores",
-                  "ckptstore convert s3://bucket/model.pt ./model.safetensors")
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    convert.set_defaults(func=_cmd_convert)
+    conv = add("convert", "convert a file or checkpoint between torch (.pt) and safetensors, between any stores, "
+               "streaming (memory: a few MiB, whatever the size)", "ckptstore convert s3://bucket/model.pt ./model.safetensors")
+    conv.add_argument("src", help="a .pt or .safetensors file, or a checkpoint folder (its checksum is checked)")
+    conv.add_argument("dst", help="the format follows the extension: .safetensors, else torch")
+    conv.set_defaults(func=_cmd_convert)
 
     prune = add("prune", "apply a retention policy; shows what it would delete unless --yes",
                 "ckptstore prune ./runs/exp1 --keep-last 3 --keep-best 1 --monitor val_loss --yes")

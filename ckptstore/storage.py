@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
 
@@ -225,6 +226,11 @@ class FsspecStorage:
             if self.is_local:
                 with _local_atomic_file(full) as f:
                     yield f
+                return
+            if isinstance(self.fs, MemoryFileSystem):  # its open() publishes the file at once
+                memory_file = MemoryFile(self.fs, self.fs._strip_protocol(full))
+                yield memory_file
+                memory_file.commit()  # only a whole file is published
                 return
             part = max(PART_BYTES, -(-size_hint // MAX_PARTS))
             f = self.fs.open(full, "wb", autocommit=False, block_size=part)

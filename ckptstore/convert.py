@@ -1,0 +1,324 @@
+"""Streaming conversion between torch (``.pt``) and safetensors files, across any stores.
+
+``convert(src, dst)`` never holds the state in memory. It plans the source from its header
+(the safetensors JSON header, or a torch zip's directory and ``data.pkl`` through the
+restricted planner in :mod:`ckptstore.torch_zip`), builds the state tree with *placeholder*
+tensors (storages that are allocated but never touched, so they cost address space, not
+memory), lays out the destination from that tree, and then streams the tensor bytes from
+source to destination in ``CHUNK_BYTES`` ranged reads, in source-file order:
+
+* safetensors destination: the header comes from :func:`ckptstore.tree.flatten` of the
+  placeholder tree, exactly as :func:`ckptstore.save` would write it; tensors are written in
+  the order they lie in the source, so the source is read front to back.
+* torch destination: ``torch.save`` of the placeholder tree inside
+  ``torch.serialization.skip_data()`` yields ``data.pkl`` and the records without their
+  bytes; the destination zip is then written record by record (stored, data aligned to 64
+  bytes as ``torch.save`` aligns it, each record's CRC32 computed on the way), with each
+  storage's bytes streamed from the source.
+* same format: the file is copied as it is.
+
+Peak memory is one chunk, plus one tensor for strided views of a torch storage. When the
+source is a ckptstore checkpoint folder, every source byte passes through CRC32C and the
+manifest's checksum is checked before the destination is committed: a damaged source
+leaves no destination behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any, cast
+
+import crc32c
+import torch
+
+from . import tree as treelib
+from .errors import CheckpointNotFound, CorruptCheckpointError
+from .manifest import MANIFEST_NAME, CheckpointInfo
+from .safetensors_header import build_header, header_length, parse_header
+from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
+from .storage import FsspecStorage, open_parent, open_storage
+from .torch_zip import TensorRef, data_start, read_plan
+
+CHUNK_BYTES = 8 * 2**20
+ZIP_ALIGNMENT = 64
+Progress = Callable[[int], None]
+
+
+def convert(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+    storage_options: dict[str, Any] | None = None, progress: Progress | None = None,
+) -> int:
+    """Convert ``src`` (a file or a checkpoint folder) to ``dst``; return the bytes written.
+
+    The destination format follows its extension: ``.safetensors``, else torch. The result
+    is what :func:`ckptstore.save` writes for the same state, readable by stock
+    ``safe_open`` / ``torch.load(weights_only=True)``. ``progress(n)`` is called as bytes
+    are written.
+
+    Example:
+        >>> import ckptstore
+        >>> ckptstore.save({"w": torch.ones(2)}, "memory://doc/convert/w.pt")
+        >>> _ = convert("memory://doc/convert/w.pt", "memory://doc/convert/w.safetensors")
+        >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
+        tensor([1., 1.])
+    """
+    reader = _open_source(os.fspath(src), storage_options)
+    out_storage, out_name = open_parent(dst, storage_options)
+    out_storage.makedirs()
+    to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
+    with out_storage.open_write(out_name, size_hint=reader.size) as raw:
+        out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
+        if reader.is_zip != to_safetensors:  # the same format: copy the file as it is
+            reader.copy(0, reader.size, out)
+        else:
+            tree, regions = reader.plan()
+            (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
+        reader.finish()  # checks the source checksum before the destination is committed
+    return out.size
+
+
+# -- the source ---------------------------------------------------------------------------
+class _Region:
+    """Where a placeholder storage's bytes are in the source: ``[start, end)``, and the
+    zip local header to check first (torch sources)."""
+
+    def __init__(self, start: int, end: int, zip_header: tuple[int, int] | None = None) -> None:
+        self.start, self.end, self.zip_header = start, end, zip_header
+
+
+class _Source:
+    """A source file read by range, in chunks; sums CRC32C over every byte once, in order."""
+
+    def __init__(self, storage: FsspecStorage, name: str, expected_crc: int | None) -> None:
+        self.storage, self.name, self.expected_crc = storage, name, expected_crc
+        self.where = storage.url(name)
+        self.size = storage.size(name)
+        self.is_zip = self.size >= 4 and storage.read(name, 0, 4) == b"PK\x03\x04"
+        self.crc, self.pos = 0, 0
+
+    def read(self, start: int, end: int) -> bytes:
+        """The bytes ``[start, end)``; bytes skipped since the last read are read and summed too."""
+        if start > self.pos:
+            for _ in self.chunks(self.pos, start):
+                pass
+        data = self.storage.read(self.name, start, end) if end > start else b""
+        if len(data) != end - start:
+            raise CorruptCheckpointError(f"{self.where}: read {len(data)} bytes for [{start}, {end}); the file is truncated")
+        if end > self.pos:
+            self.crc = crc32c.crc32c(memoryview(data)[self.pos - start :], self.crc)
+            self.pos = end
+        return data
+
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+        for s in range(start, end, CHUNK_BYTES):
+            yield self.read(s, min(s + CHUNK_BYTES, end))
+
+    def copy(self, start: int, end: int, out: ChecksumWriter) -> None:
+        for data in self.chunks(start, end):
+            out.write(data)
+
+    def finish(self) -> None:
+        if self.expected_crc is not None:
+            self.read(self.size, self.size)  # the unread tail, summed
+            check_crc(self.crc, self.expected_crc, self.where)
+
+    def plan(self) -> tuple[Any, dict[int, _Region]]:
+        """The state tree with placeholder tensors, and each placeholder storage's region."""
+        return self._plan_torch() if self.is_zip else self._plan_safetensors()
+
+    def _plan_safetensors(self) -> tuple[Any, dict[int, _Region]]:
+        length = header_length(self.storage.read(self.name, 0, 8), self.size, self.where)
+        header = parse_header(self.storage.read(self.name, 8, 8 + length), self.size, self.where)
+        regions: dict[int, _Region] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for key, entry in header.entries.items():
+            tensors[key] = _placeholder(entry.end - entry.start, entry.dtype, 0, entry.shape, None)
+            regions[_storage_id(tensors[key])] = _Region(entry.start, entry.end)
+        skeleton = header.metadata.get(TREE_METADATA_KEY)
+        if skeleton is None:
+            return tensors, regions
+        try:
+            return treelib.unflatten(json.loads(skeleton), lambda key, _device: tensors[key]), regions
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CorruptCheckpointError(f"{self.where}: the state skeleton is not valid: {err!r}") from err
+
+    def _plan_torch(self) -> tuple[Any, dict[int, _Region]]:
+        with self.storage.open_read(self.name, exact=True) as f:
+            _, offsets, obj = read_plan(f, self.where)
+        storages: dict[str, torch.UntypedStorage] = {}
+        regions: dict[int, _Region] = {}
+
+        def materialize(ref: TensorRef) -> torch.Tensor:
+            member = ref.storage.member
+            if member not in storages:
+                header_offset, start = offsets[member]
+                storages[member] = torch.UntypedStorage(ref.storage.nbytes)
+                regions[storages[member].data_ptr()] = _Region(start, start + ref.storage.nbytes, (header_offset, start))
+            return torch.empty(0, dtype=ref.dtype).set_(storages[member], ref.offset, ref.shape, ref.stride)
+
+        return _map_leaves(obj, materialize), regions
+
+    def storage_bytes(self, region: _Region) -> Iterator[bytes]:
+        """A placeholder storage's bytes from the source, in chunks."""
+        self.check_member(region)
+        return self.chunks(region.start, region.end)
+
+    def check_member(self, region: _Region) -> None:
+        """Torch sources: check the zip local header puts the data where the plan predicts."""
+        if region.zip_header is not None:
+            header_offset, predicted = region.zip_header
+            if data_start(self.read(header_offset, predicted), header_offset, self.where) != predicted:
+                raise CorruptCheckpointError(f"{self.where}: the zip member at {header_offset} is not laid out as torch.save writes it")
+
+
+def _open_source(url: str, storage_options: dict[str, Any] | None) -> _Source:
+    folder = open_storage(url, storage_options)
+    try:
+        info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
+    except CheckpointNotFound:
+        return _Source(*open_parent(url, storage_options), None)
+    entry = info.files[0]
+    source = _Source(folder, entry.path, entry.crc32c)
+    if source.size != entry.size:
+        raise CorruptCheckpointError(f"{source.where} is {source.size} bytes, its manifest says {entry.size}")
+    return source
+
+
+def _placeholder(nbytes: int, dtype: torch.dtype, offset: int, shape: tuple[int, ...], stride: tuple[int, ...] | None) -> torch.Tensor:
+    """A tensor over a fresh, never-touched storage: address space only, no resident memory."""
+    stride = stride if stride is not None else torch.empty(shape, device="meta").stride()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage(nbytes), offset, shape, stride)
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _map_leaves(obj: Any, fn: Callable[[TensorRef], torch.Tensor]) -> Any:
+    if isinstance(obj, TensorRef):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_leaves(v, fn)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_leaves(v, fn) for v in obj)
+    return obj
+
+
+# -- the destinations ---------------------------------------------------------------------
+def _write_safetensors(tree: Any, regions: dict[int, _Region], source: _Source, out: ChecksumWriter) -> None:
+    tensors, skeleton = treelib.flatten(treelib.canonicalize(tree))
+    ordered = dict(sorted(tensors.items(), key=lambda kv: regions[_storage_id(kv[1])].start + _byte_offset(kv[1])))
+    meta = {"format": "pt", TREE_METADATA_KEY: json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
+    out.write(build_header(ordered, meta))
+    for t in ordered.values():
+        region = regions[_storage_id(t)]
+        source.check_member(region)
+        if t.is_contiguous():  # its own bytes, straight through
+            start = region.start + _byte_offset(t)
+            source.copy(start, start + t.numel() * t.element_size(), out)
+        else:  # a strided view: read its storage, write the view's elements
+            whole = torch.empty(region.end - region.start, dtype=torch.uint8)
+            done = 0
+            for chunk in source.chunks(region.start, region.end):
+                whole[done : done + len(chunk)] = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+                done += len(chunk)
+            out.write_tensor(whole.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset()))
+
+
+def _byte_offset(t: torch.Tensor) -> int:
+    return int(t.storage_offset()) * t.element_size()
+
+
+def _write_torch(tree: Any, regions: dict[int, _Region], source: _Source, out: ChecksumWriter) -> None:
+    canonical = treelib.canonicalize(tree)
+    with tempfile.TemporaryDirectory(prefix="ckptstore-convert-") as folder:
+        layout = os.path.join(folder, "archive.pt")  # holes instead of data: a few KiB on disk
+        with torch.serialization.skip_data():
+            torch.save(canonical, layout)
+        with open(layout, "rb") as f:
+            refs, _, _ = read_plan(f, layout)
+            record_region = _records_to_regions(refs, canonical, regions)
+            archive = zipfile.ZipFile(f)
+            names = [i.filename for i in archive.infolist()]
+            storages = sorted((n for n in names if n in record_region), key=lambda n: record_region[n].start)
+            first = storages[0] if storages else None
+            with zipfile.ZipFile(cast(IO[bytes], _Unseekable(out)), "w", zipfile.ZIP_STORED) as zf:
+                for name in names:  # torch.save's order, with the storages in source order
+                    if name == first:
+                        for storage in storages:
+                            region = record_region[storage]
+                            with _open_aligned(zf, storage, region.end - region.start) as member:
+                                for chunk in source.storage_bytes(region):
+                                    member.write(chunk)
+                    elif name not in record_region:
+                        with _open_aligned(zf, name, archive.getinfo(name).file_size) as member:
+                            member.write(archive.read(name))
+
+
+def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dict[int, _Region]) -> dict[str, _Region]:
+    """Which source region feeds each ``data/<key>`` record that torch.save laid out.
+
+    The layout's tensors are paired with the placeholder tree's by their path; their
+    dtype and shape must agree, which guards the pairing.
+    """
+    placeholders: dict[str, torch.Tensor] = {}
+    _collect(canonical, "", placeholders)
+    out: dict[str, _Region] = {}
+    for path, ref in refs.items():
+        t = placeholders.get(path)
+        if t is None or tuple(t.shape) != ref.shape or t.dtype != ref.dtype:
+            raise CorruptCheckpointError(f"internal error: torch.save laid out {path!r} unlike the source tree")
+        region = regions[_storage_id(t)]
+        out[ref.storage.member] = region
+    return out
+
+
+def _collect(obj: Any, key: str, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[key] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _collect(v, f"{key}/{k}" if key else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _collect(v, f"{key}/{i}" if key else str(i), out)
+
+
+def _open_aligned(zf: zipfile.ZipFile, name: str, size: int) -> IO[bytes]:
+    """A stored member whose data starts at a multiple of 64 bytes, padded as torch.save pads."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type, info.file_size, info.compress_size, info.CRC = zipfile.ZIP_STORED, size, 0, 0
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    assert zf.fp is not None
+    header = len(info.FileHeader(zip64)) + 4
+    pad = -(zf.fp.tell() + header) % ZIP_ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB": PyTorch's padding field
+    return zf.open(info, "w", force_zip64=zip64)
+
+
+class _Unseekable:
+    """Hides ``tell``/``seek`` so zipfile streams (sizes and CRCs in data descriptors)."""
+
+    def __init__(self, out: ChecksumWriter) -> None:
+        self.write, self.flush = out.write, out.flush
+
+
+class _Reporting:
+    """Passes writes to ``raw`` and their sizes to ``progress``."""
+
+    def __init__(self, raw: IO[bytes], progress: Progress | None) -> None:
+        self.raw, self.progress = raw, progress
+
+    def write(self, data: Any) -> int:
+        n = self.raw.write(data)
+        if self.progress is not None:
+            self.progress(len(memoryview(data)))
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
