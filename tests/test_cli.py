@@ -112,3 +112,40 @@ def test_convert_between_formats_and_stores(remote_store, tmp_path):
     assert run("convert", dst, str(back), *storage_args(remote_store)).returncode == 0
     loaded = torch.load(back, weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def run_in_terminal(*args: str, env: dict[str, str]) -> str:
+    """Run the console script with a pseudo-terminal as stdout and stderr; return what it showed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([SCRIPT, *args], stdout=follower, stderr=follower, env={**os.environ, **env})
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the script exited and closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    assert proc.wait(timeout=120) == 0, shown
+    os.close(leader)
+    return shown.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    torch.save({"w": torch.randn(2**20)}, tmp_path / "a.pt")  # 4 MiB
+    quick = {"CKPTSTORE_PROGRESS_DELAY": "0"}  # the real threshold is one second
+    shown = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "a.safetensors"), env=quick)
+    assert "convert a.safetensors: " in shown and "B/s]" in shown
+    piped = subprocess.run([SCRIPT, "convert", str(tmp_path / "a.pt"), str(tmp_path / "b.safetensors")],
+                           capture_output=True, text=True, env={**os.environ, **quick}, check=True)
+    assert piped.stderr == "" and piped.stdout.count("\n") == 1  # not a terminal: no bar
+    slow = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "c.safetensors"), env={})
+    assert "B/s" not in slow  # a sub-second transfer shows nothing
