@@ -309,7 +309,22 @@ class FsspecStorage:
                     f"cannot {op} {where}: no space left on the device; free space or "
                     "lower keep_last. Earlier checkpoints are intact."
                 ) from err
-            raise StorageError(f"cannot {op} {where}: {err}") from err
+            hint = "; check the URL, the endpoint and the network" if isinstance(err, ConnectionError) or _from_client(err) else ""
+            raise StorageError(f"cannot {op} {where}: {err}{hint}") from err
+        except Exception as err:
+            if not _from_client(err):
+                raise  # the caller's own error inside an open_write block, say
+            raise StorageError(
+                f"cannot {op} {where}: {type(err).__name__}: {err}; check the URL, the endpoint and the network"
+            ) from err
+
+
+_CLIENT_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "requests", "urllib3"}
+
+
+def _from_client(err: Exception) -> bool:
+    """Raised by a store's client library (botocore's EndpointConnectionError, gcsfs's HttpError, ...)."""
+    return type(err).__module__.partition(".")[0] in _CLIENT_LIBRARIES
 
 
 def _mtime(info: dict[str, Any]) -> float:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ckptstore import CheckpointManager
@@ -17,9 +18,9 @@ from ckptstore.cli import main
 SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT, "the ckptstore console script is not installed next to this Python"
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300, check=False, env=env)
 
 
 def test_ls_table_and_json(tmp_path):
@@ -144,8 +145,28 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     quick = {"CKPTSTORE_PROGRESS_DELAY": "0"}  # the real threshold is one second
     shown = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "a.safetensors"), env=quick)
     assert "convert a.safetensors: " in shown and "B/s]" in shown
-    piped = subprocess.run([SCRIPT, "convert", str(tmp_path / "a.pt"), str(tmp_path / "b.safetensors")],
-                           capture_output=True, text=True, env={**os.environ, **quick}, check=True)
+    piped = run("convert", str(tmp_path / "a.pt"), str(tmp_path / "b.safetensors"), env={**os.environ, **quick})
     assert piped.stderr == "" and piped.stdout.count("\n") == 1  # not a terminal: no bar
     slow = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "c.safetensors"), env={})
     assert "B/s" not in slow  # a sub-second transfer shows nothing
+
+
+@pytest.mark.remote
+def test_s3_endpoint_and_credentials_come_from_the_environment(s3_endpoint):
+    """No --storage-option at all: s3fs reads AWS_ENDPOINT_URL and the key pair from the environment."""
+    import fsspec
+
+    from conftest import S3_KEY, S3_SECRET
+
+    fsspec.filesystem("s3", key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": s3_endpoint}).mkdir("env-bucket")
+    mgr = CheckpointManager("s3://env-bucket/run", storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+    mgr.save({"w": torch.ones(2)}, step=4)
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    out = run("ls", "s3://env-bucket/run", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert [r["step"] for r in json.loads(out.stdout)] == [4]
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong"  # moto accepts any key pair, so prove the endpoint came from the env:
+    env.update(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="1")  # nothing listens on the discard port
+    out = run("ls", "s3://env-bucket/run", env=env)
+    assert out.returncode == 1 and out.stderr.startswith("ckptstore: error:") and "127.0.0.1:9" in out.stderr
+    assert "check the URL, the endpoint and the network" in out.stderr and "Traceback" not in out.stderr

@@ -21,3 +21,19 @@ def test_a_failed_write_publishes_nothing_and_keeps_the_old_file(store):
         f.write(b"partial")
         raise RuntimeError
     assert not storage.exists("g.bin")
+
+
+@pytest.mark.remote
+def test_an_unreachable_endpoint_is_a_storage_error():
+    """botocore's EndpointConnectionError is no OSError; it still becomes a one-line StorageError.
+
+    (gcsfs raises aiohttp's ClientConnectorError, an OSError, after six hard-coded retries,
+    30-70 s, so it is left out here; the same clause handles it.)
+    """
+    pytest.importorskip("s3fs")
+    from ckptstore import CheckpointManager, StorageError
+
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(StorageError, match=r"cannot reach .*127\.0\.0\.1:9.*check the URL, the endpoint and the network"):
+        CheckpointManager("s3://bucket/run", storage_options=options)
