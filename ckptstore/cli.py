@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import posixpath
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from .convert import convert
 from .errors import CkptStoreError, CorruptCheckpointError
 from .manager import CheckpointManager
 from .partial import describe
+from .serializers import TREE_METADATA_KEY
 
 
 def _storage_options(pairs: list[str]) -> dict[str, Any]:
@@ -45,20 +47,53 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode, storage_options=_storage_options(args.storage_option))
     infos = mgr.checkpoints()
     latest, best = mgr.latest(), mgr.best()
+    leftovers = mgr.uncommitted() if args.all else {}
     if args.json:
-        rows = [{"name": i.name, "step": i.step, "metrics": i.metrics, "size": i.size, "format": i.format,
-                 "created": i.created.isoformat(), "url": i.url,
-                 "latest": i == latest, "best": i == best} for i in infos]
+        rows: list[dict[str, Any]] = [
+            {"name": i.name, "step": i.step, "metrics": i.metrics, "size": i.size, "format": i.format,
+             "created": i.created.isoformat(), "url": i.url, "latest": i == latest, "best": i == best, "committed": True}
+            for i in infos
+        ]
+        rows += [{"name": name, "committed": False, "problem": why} for name, why in leftovers.items()]
         print(json.dumps(rows, indent=1, default=str))
         return 0
     now = datetime.now(timezone.utc)
-    print(f"{'name':<16} {'step':>8} {'size':>12} {'age':>8}  {'format':<12} metrics")
+    table = [("name", "step", "size", "age", "format", "metrics", "")]
     for i in infos:
-        marks = (" latest" if i == latest else "") + (" best" if i == best else "")
-        age = f"{(now - i.created).total_seconds() / 60:.0f}m"
+        marks = " ".join(m for m, on in (("latest", i == latest), ("best", i == best)) if on)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in i.metrics.items())
-        print(f"{i.name:<16} {i.step:>8} {i.size:>12,} {age:>8}  {i.format:<12} {metrics}{marks}")
+        table.append((i.name, str(i.step), _human_bytes(i.size), _human_age((now - i.created).total_seconds()),
+                      i.format, metrics, marks))
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    right = {1, 2, 3}
+    for row in table:
+        print("  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    for name, why in leftovers.items():
+        print(_dim(f"{name}  (not a checkpoint: {why})"))
+    if not infos and not leftovers:
+        print(f"no committed checkpoints under {args.root}")
     return 0
+
+
+def _human_bytes(n: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def _human_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h" if seconds < 172800 else f"{seconds / 86400:.0f}d"
+
+
+def _dim(text: str) -> str:
+    """Grey on a terminal (unless NO_COLOR is set), plain otherwise."""
+    return f"\x1b[2m{text}\x1b[0m" if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else text
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -68,20 +103,49 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     if "checkpoint" in desc:
         c = desc["checkpoint"]
-        print(f"checkpoint {c['name']}: step {c['step']}, {c['format']}, {c['size']:,} bytes, metrics {c['metrics']}")
+        print(f"checkpoint {c['name']}: step {c['step']}, {c['format']}, {_human_bytes(c['size'])}, metrics {c['metrics']}")
     print(f"{desc['url']} ({desc['header_bytes_read']:,} header bytes read)")
     print(f"{'name':<48} {'dtype':<14} {'shape':<20} {'bytes':>14}")
     for t in desc["tensors"]:
         print(f"{t['name']:<48} {t['dtype']:<14} {t['shape']!s:<20} {t['bytes']:>14,}")
-    print(f"{len(desc['tensors'])} tensors, {sum(t['bytes'] for t in desc['tensors']):,} bytes")
-    print("values:", json.dumps(desc["values"], default=str))
+    print(f"{len(desc['tensors'])} tensors, {_human_bytes(sum(t['bytes'] for t in desc['tensors']))}")
+    values = desc["values"]
+    state = values.pop(TREE_METADATA_KEY, None) if isinstance(values, dict) else None
+    if values:
+        print("values:" if state is None else "metadata:")
+        _print_tree(values, "  ")
+    if state is not None:
+        print("state:")
+        _print_tree(state, "  ")
     return 0
+
+
+TENSOR_PLACEHOLDER = re.compile(r"^<tensor .*>$")
+
+
+def _print_tree(value: Any, indent: str) -> None:
+    """Nested values as an indented outline; long runs of tensors or numbers are summarised."""
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+    for key, child in items:
+        if isinstance(child, (dict, list, tuple)) and child:
+            leaves = list(child.values()) if isinstance(child, dict) else list(child)
+            if len(leaves) > 8 and all(isinstance(v, str) and TENSOR_PLACEHOLDER.match(v) for v in leaves):
+                print(f"{indent}{key}: {len(leaves)} tensors")
+            elif not isinstance(child, dict) and not any(isinstance(v, (dict, list, tuple, str)) for v in leaves):
+                shown = ", ".join(map(str, leaves if len(leaves) <= 8 else leaves[:3]))
+                print(f"{indent}{key}: [{shown}]" if len(leaves) <= 8 else f"{indent}{key}: [{shown}, ... {len(leaves)} values]")
+            else:
+                print(f"{indent}{key}:")
+                _print_tree(child, indent + "  ")
+        else:
+            print(f"{indent}{key}: {child}")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
     mgr = CheckpointManager(args.url, storage_options=options)
-    results = mgr.verify()
+    with _progress("verify") as progress:
+        results = mgr.verify(progress)
     if not results:  # not a checkpoint root: one checkpoint folder, or a single file
         parent, name = posixpath.split(args.url.rstrip("/"))
         results = {k: v for k, v in CheckpointManager(parent or ".", storage_options=options).verify().items() if k == name}
@@ -165,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("root")
     ls.add_argument("--monitor", help="metric that marks the best checkpoint")
     ls.add_argument("--mode", choices=["min", "max"], default="min")
+    ls.add_argument("--all", action="store_true", help="also list what is not a checkpoint: unfinished saves, unreadable manifests")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_cmd_ls)
 

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,22 +135,37 @@ def read_checkpoint(
         CorruptCheckpointError: a data file is missing, truncated, altered or unparsable.
     """
     fmt = get_format(info.format)
+    path, entry = data_file(storage, info)
+    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
+
+
+def data_file(storage: FsspecStorage, info: CheckpointInfo) -> tuple[str, FileEntry]:
+    """The path (under the root) and manifest entry of a checkpoint's one data file, its size checked.
+
+    Raises:
+        CorruptCheckpointError: the manifest lists other than one file, or it is missing or resized.
+    """
     if len(info.files) != 1:
         raise CorruptCheckpointError(f"{info.url}: expected one data file, the manifest lists {len(info.files)}")
     entry = info.files[0]
     path = f"{info.name}/{entry.path}"
     _check_size(storage, path, entry.size)
-    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
+    return path, entry
 
 
-def verify_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
+def verify_checkpoint(storage: FsspecStorage, info: CheckpointInfo, progress: Callable[[int], None] | None = None) -> None:
     """Stream every data file once and check its size and CRC32C, in bounded memory."""
     for entry in info.files:
         path = f"{info.name}/{entry.path}"
-        where = storage.url(path)
         _check_size(storage, path, entry.size)
-        with storage.open_read(path) as raw:
-            check_crc(crc_of_stream(ChecksumReader(raw, where), entry.size), entry.crc32c, where)
+        verify_file(storage, path, entry, progress)
+
+
+def verify_file(storage: FsspecStorage, path: str, entry: FileEntry, progress: Callable[[int], None] | None = None) -> None:
+    """Stream ``path`` once and check it against ``entry``'s CRC32C; ``progress(n)`` per chunk read."""
+    where = storage.url(path)
+    with storage.open_read(path) as raw:
+        check_crc(crc_of_stream(ChecksumReader(raw, where), entry.size, progress=progress), entry.crc32c, where)
 
 
 def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:

@@ -1,10 +1,11 @@
 """Streaming conversion between torch (``.pt``) and safetensors files, across any stores.
 
 ``convert(src, dst)`` never holds the state in memory. It plans the source from its header
-(the safetensors JSON header, or a torch zip's directory and ``data.pkl`` through the
-restricted planner in :mod:`ckptstore.torch_zip`), builds the state tree with *placeholder*
-tensors (storages that are allocated but never touched, so they cost address space, not
-memory), lays out the destination from that tree, and then streams the tensor bytes from
+with the partial loader's planner (:func:`ckptstore.partial.plan`: the safetensors JSON
+header, or a torch zip's directory and ``data.pkl`` through a restricted unpickler that
+never imports arbitrary globals), builds the state tree with *placeholder* tensors
+(storages that are allocated but never touched, so they cost address space, not memory),
+lays out the destination from that tree, and then streams the tensor bytes from
 source to destination in ``CHUNK_BYTES`` ranged reads, in source-file order:
 
 * safetensors destination: the header comes from :func:`ckptstore.tree.flatten` of the
@@ -39,10 +40,12 @@ import torch
 from . import tree as treelib
 from .errors import CheckpointNotFound, CorruptCheckpointError
 from .manifest import MANIFEST_NAME, CheckpointInfo
-from .safetensors_header import build_header, header_length, parse_header
+from .partial import LoadReport, plan
+from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent, open_storage
 from .torch_zip import TensorRef, data_start, read_plan
+from .transfer import SourceTensor
 
 CHUNK_BYTES = 8 * 2**20
 ZIP_ALIGNMENT = 64
@@ -83,14 +86,6 @@ def convert(
 
 
 # -- the source ---------------------------------------------------------------------------
-class _Region:
-    """Where a placeholder storage's bytes are in the source: ``[start, end)``, and the
-    zip local header to check first (torch sources)."""
-
-    def __init__(self, start: int, end: int, zip_header: tuple[int, int] | None = None) -> None:
-        self.start, self.end, self.zip_header = start, end, zip_header
-
-
 class _Source:
     """A source file read by range, in chunks; sums CRC32C over every byte once, in order."""
 
@@ -127,48 +122,27 @@ class _Source:
             self.read(self.size, self.size)  # the unread tail, summed
             check_crc(self.crc, self.expected_crc, self.where)
 
-    def plan(self) -> tuple[Any, dict[int, _Region]]:
-        """The state tree with placeholder tensors, and each placeholder storage's region."""
-        return self._plan_torch() if self.is_zip else self._plan_safetensors()
+    def plan(self) -> tuple[Any, dict[int, SourceTensor]]:
+        """The state tree with placeholder tensors, and where each placeholder's bytes are."""
+        planned = plan(self.storage, self.name, LoadReport(), self.size)
+        placeholders: dict[str, torch.Tensor] = {}
+        regions: dict[int, SourceTensor] = {}
 
-    def _plan_safetensors(self) -> tuple[Any, dict[int, _Region]]:
-        length = header_length(self.storage.read(self.name, 0, 8), self.size, self.where)
-        header = parse_header(self.storage.read(self.name, 8, 8 + length), self.size, self.where)
-        regions: dict[int, _Region] = {}
-        tensors: dict[str, torch.Tensor] = {}
-        for key, entry in header.entries.items():
-            tensors[key] = _placeholder(entry.end - entry.start, entry.dtype, 0, entry.shape, None)
-            regions[_storage_id(tensors[key])] = _Region(entry.start, entry.end)
-        skeleton = header.metadata.get(TREE_METADATA_KEY)
-        if skeleton is None:
-            return tensors, regions
-        try:
-            return treelib.unflatten(json.loads(skeleton), lambda key, _device: tensors[key]), regions
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise CorruptCheckpointError(f"{self.where}: the state skeleton is not valid: {err!r}") from err
+        def load(key: str, _device: str) -> torch.Tensor:
+            if key not in placeholders:  # tied weights share a key: one placeholder
+                src = planned.sources[key]
+                placeholders[key] = _placeholder(src.end - src.start, src.dtype, src.offset, src.shape, src.stride)
+                regions[_storage_id(placeholders[key])] = src
+            return placeholders[key]
 
-    def _plan_torch(self) -> tuple[Any, dict[int, _Region]]:
-        with self.storage.open_read(self.name, exact=True) as f:
-            _, offsets, obj = read_plan(f, self.where)
-        storages: dict[str, torch.UntypedStorage] = {}
-        regions: dict[int, _Region] = {}
+        return planned.build(load), regions
 
-        def materialize(ref: TensorRef) -> torch.Tensor:
-            member = ref.storage.member
-            if member not in storages:
-                header_offset, start = offsets[member]
-                storages[member] = torch.UntypedStorage(ref.storage.nbytes)
-                regions[storages[member].data_ptr()] = _Region(start, start + ref.storage.nbytes, (header_offset, start))
-            return torch.empty(0, dtype=ref.dtype).set_(storages[member], ref.offset, ref.shape, ref.stride)
-
-        return _map_leaves(obj, materialize), regions
-
-    def storage_bytes(self, region: _Region) -> Iterator[bytes]:
-        """A placeholder storage's bytes from the source, in chunks."""
+    def storage_bytes(self, region: SourceTensor) -> Iterator[bytes]:
+        """The bytes ``[start, end)`` of a planned tensor, in chunks."""
         self.check_member(region)
         return self.chunks(region.start, region.end)
 
-    def check_member(self, region: _Region) -> None:
+    def check_member(self, region: SourceTensor) -> None:
         """Torch sources: check the zip local header puts the data where the plan predicts."""
         if region.zip_header is not None:
             header_offset, predicted = region.zip_header
@@ -199,18 +173,8 @@ def _storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def _map_leaves(obj: Any, fn: Callable[[TensorRef], torch.Tensor]) -> Any:
-    if isinstance(obj, TensorRef):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_leaves(v, fn)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_leaves(v, fn) for v in obj)
-    return obj
-
-
 # -- the destinations ---------------------------------------------------------------------
-def _write_safetensors(tree: Any, regions: dict[int, _Region], source: _Source, out: ChecksumWriter) -> None:
+def _write_safetensors(tree: Any, regions: dict[int, SourceTensor], source: _Source, out: ChecksumWriter) -> None:
     tensors, skeleton = treelib.flatten(treelib.canonicalize(tree))
     ordered = dict(sorted(tensors.items(), key=lambda kv: regions[_storage_id(kv[1])].start + _byte_offset(kv[1])))
     meta = {"format": "pt", TREE_METADATA_KEY: json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
@@ -234,7 +198,7 @@ def _byte_offset(t: torch.Tensor) -> int:
     return int(t.storage_offset()) * t.element_size()
 
 
-def _write_torch(tree: Any, regions: dict[int, _Region], source: _Source, out: ChecksumWriter) -> None:
+def _write_torch(tree: Any, regions: dict[int, SourceTensor], source: _Source, out: ChecksumWriter) -> None:
     canonical = treelib.canonicalize(tree)
     with tempfile.TemporaryDirectory(prefix="ckptstore-convert-") as folder:
         layout = os.path.join(folder, "archive.pt")  # holes instead of data: a few KiB on disk
@@ -260,7 +224,7 @@ def _write_torch(tree: Any, regions: dict[int, _Region], source: _Source, out: C
                             member.write(archive.read(name))
 
 
-def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dict[int, _Region]) -> dict[str, _Region]:
+def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dict[int, SourceTensor]) -> dict[str, SourceTensor]:
     """Which source region feeds each ``data/<key>`` record that torch.save laid out.
 
     The layout's tensors are paired with the placeholder tree's by their path; their
@@ -268,7 +232,7 @@ def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dic
     """
     placeholders: dict[str, torch.Tensor] = {}
     _collect(canonical, "", placeholders)
-    out: dict[str, _Region] = {}
+    out: dict[str, SourceTensor] = {}
     for path, ref in refs.items():
         t = placeholders.get(path)
         if t is None or tuple(t.shape) != ref.shape or t.dtype != ref.dtype:

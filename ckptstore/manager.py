@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from . import commit, retention
 from .errors import CheckpointExists, CheckpointNotFound, ConfigError, CorruptCheckpointError, InvalidNameError
-from .inplace import restore_into
+from .inplace import restore_checkpoint
 from .manifest import CheckpointInfo
 from .partial import LoadReport, load_partial
 from .serializers import ChecksumWriter, MapLocation, format_for_path, get_format
@@ -146,16 +147,36 @@ class CheckpointManager:
             self._delete(doomed)
         return doomed
 
-    def verify(self) -> dict[str, str | None]:
-        """Check every committed checkpoint's sizes and CRC32C: ``{name: None or the problem}``."""
+    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, str | None]:
+        """Check every committed checkpoint's sizes and CRC32C: ``{name: None or the problem}``.
+
+        ``progress(n)`` is called as bytes are read (the CLI's progress bar).
+        """
         results: dict[str, str | None] = {}
         for info in self.checkpoints():
             try:
-                commit.verify_checkpoint(self.storage, info)
+                commit.verify_checkpoint(self.storage, info, progress)
                 results[info.name] = None
             except CorruptCheckpointError as err:
                 results[info.name] = str(err)
         return results
+
+    def uncommitted(self) -> dict[str, str]:
+        """Folders under the root that are not checkpoints, and why: ``{name: reason}``.
+
+        Unfinished saves (data, no manifest) are removed by a later save or prune once idle
+        for ``abandoned_after`` seconds; folders with an unreadable manifest are never removed
+        automatically.
+
+        Example:
+            >>> CheckpointManager("memory://doc/uncommitted").uncommitted()
+            {}
+        """
+        found = commit.scan(self.storage)
+        now = time.time()
+        reasons = {f: f"unfinished save (no manifest), idle {now - mtime:.0f}s" for f, mtime in found.abandoned.items()}
+        reasons.update({f: "unreadable manifest; left for you to inspect" for f in found.corrupt})
+        return dict(sorted(reasons.items()))
 
     def _doomed(self, committed: list[CheckpointInfo]) -> list[CheckpointInfo]:
         keep = retention.to_keep(committed, self.policy)
@@ -188,35 +209,43 @@ class CheckpointManager:
         ``load_state_dict``; tensors are filled with ``copy_``. The returned dict holds
         everything else that was saved. Returns None when the root has no checkpoint.
 
+        Tensor bytes stream straight into the live parameters, buffers, optimizer state
+        and tensors of ``state`` where shape and dtype match, so a restore needs no second
+        copy of the state in memory (see :mod:`ckptstore.inplace`). Live tensors keep their
+        device; ``map_location`` places the saved tensors that have no live counterpart.
+
         ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
-        warning), ``"best"``, a step number or a checkpoint name.
+        warning), ``"best"``, a step number or a checkpoint name. ``verify`` checks the
+        CRC32C: before any live byte changes for local files, as the bytes stream for remote
+        ones (a mismatch then leaves the live tensors that received bytes unverified, says
+        so, and "latest" fills them again from the checkpoint before).
+
+        Raises:
+            CorruptCheckpointError: the checkpoint asked for (or, for "latest", every one) is damaged.
+            StateMismatchError: a module's or tensor's shape differs from the saved one
+                (before any tensor byte is read).
         """
         if isinstance(which, str) and which not in ("latest", "best"):
             self._check_name(which)
         infos = self.checkpoints()
         if not infos:
             return None
-        if which == "latest":
-            loaded, info = self._read_newest_good(infos, map_location, weights_only, verify)
-        else:
-            info = self._find(which, infos)
-            loaded = commit.read_checkpoint(self.storage, info, map_location=map_location, weights_only=weights_only, verify=verify)
-        if not isinstance(loaded, dict):
-            raise CorruptCheckpointError(f"{info.url} holds a {type(loaded).__name__}, not a state dict")
-        log.info("restored %s", info.url)
-        return restore_into(state, loaded)
-
-    def _read_newest_good(
-        self, infos: list[CheckpointInfo], map_location: MapLocation, weights_only: bool, verify: bool
-    ) -> tuple[Any, CheckpointInfo]:
+        candidates = retention.newest_first(infos) if which == "latest" else [self._find(which, infos)]
         errors = []
-        for info in retention.newest_first(infos):
+        for info in candidates:
             try:
-                tree = commit.read_checkpoint(self.storage, info, map_location=map_location, weights_only=weights_only, verify=verify)
-                return tree, info
+                values, report = restore_checkpoint(
+                    self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify
+                )
             except CorruptCheckpointError as err:
+                if which != "latest":
+                    raise
                 log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, err)
                 errors.append(str(err))
+                continue
+            log.info("restored %s: %d bytes read in %d requests, %d tensors straight into live memory",
+                     info.url, report.bytes_read, report.requests, len(report.loaded))
+            return values
         raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(errors))
 
     def load_partial(

@@ -9,16 +9,16 @@ and shape match the model) without downloading or unpickling the whole file:
 2. **Match.** Source keys are renamed by ``key_map``; a tensor loads only if the target has
    its key with the same shape. Dtype differences are cast (and reported) unless
    ``strict_dtype``.
-3. **Fetch only the needed bytes.** Each selected tensor is a half-open range ``[start,
-   end)`` of the file. Ranges are split into chunks of at most ``max_buffer / 4``,
-   nearly-adjacent ones are coalesced, and batches of at most ``max_buffer`` bytes are fetched
-   concurrently (fsspec ``cat_ranges``). Local files are read with ``os.preadv`` straight into
-   the target's memory.
-4. **Land in the target.** CPU targets receive the bytes in their own storage. Other devices
-   get them through two reusable pinned staging buffers with ``non_blocking`` copies, so the
-   next chunk is filled while the previous one is in flight. Peak extra host memory is one
-   batch (``max_buffer``) plus the staging buffers, whatever the file size; a tensor that
-   needs a cast or is a strided view is read into one temporary of its own size.
+3. **Fetch only the needed bytes** with :class:`ckptstore.transfer.Transfer`: each selected
+   tensor is a half-open range ``[start, end)`` of the file, fetched in coalesced, concurrent
+   batches of at most ``max_buffer`` bytes (``os.preadv`` on local disks).
+4. **Land in the target.** Bytes go straight into the target's own memory (through pinned
+   staging buffers for other devices). Peak extra host memory is one batch (``max_buffer``)
+   plus the staging buffers, whatever the file size; a tensor that needs a cast or is a
+   strided view is read into one temporary of its own size.
+
+The planning half (:func:`plan`) also serves :meth:`CheckpointManager.restore`, which
+streams a whole checkpoint into the live state the same way (see :mod:`ckptstore.inplace`).
 """
 
 from __future__ import annotations
@@ -26,25 +26,25 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy
 import torch
 
-from .errors import CheckpointNotFound, ConfigError, CorruptCheckpointError, StateMismatchError
+from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
-from .storage import FsspecStorage, open_parent, open_storage
 from .serializers import TREE_METADATA_KEY
-from .torch_zip import TensorRef, data_start, read_plan
+from .storage import FsspecStorage, open_parent, open_storage
+from .torch_zip import TensorRef, read_plan
+from .transfer import ReadCounter, SourceTensor, Transfer, byte_view, itemsize, landable, scratch, shaped
 from .tree import unflatten
 
 KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
+Loader = Callable[[str, str], Any]
 DEFAULT_MAX_BUFFER = 256 * 2**20
 HEAD_BYTES = 64 * 2**10  # first read: one request for the length prefix and a typical header
-COALESCE_WASTE = 0.05  # a merged request fetches at most 5% more than the bytes it needs
 
 
 @dataclass
@@ -53,6 +53,7 @@ class LoadReport:
 
     ``bytes_read`` and ``requests`` count the loader's reads of the file (header, directory,
     tensor ranges); metadata calls (the manifest probe, size lookups) are not included.
+    A streamed restore reports the same way, ``loaded`` being the keys landed in live memory.
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -65,17 +66,16 @@ class LoadReport:
 
 
 @dataclass(frozen=True)
-class SourceTensor:
-    """Where a tensor's bytes are in the file, and how to view them."""
+class Plan:
+    """A file's tensors and structure, planned from its header (or zip directory) alone.
 
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute file offset of the first byte the view touches
-    end: int
-    stride: tuple[int, ...] | None = None  # None: contiguous
-    offset: int = 0  # element offset of the view inside [start, end)
-    zip_header: tuple[int, int] | None = None  # torch zips: (local header offset, predicted data start)
+    ``build(load)`` returns the saved object with each tensor replaced by ``load(key, saved
+    device)``; tensors that are the same view of the same bytes (tied weights) share a key.
+    """
+
+    sources: dict[str, SourceTensor]
+    values: Any  # the non-tensor content, tensors shown as "<tensor ...>" strings
+    build: Callable[[Loader], Any]
 
 
 def load_partial(
@@ -105,7 +105,7 @@ def load_partial(
     """
     storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
     report = LoadReport()
-    sources, _ = _plan(storage, name, report)
+    sources = plan(storage, name, report).sources
     prefix = key if key is not None else ("model" if is_checkpoint else None)
     if prefix is not None:
         sources = {k[len(prefix) + 1 :]: v for k, v in sources.items() if k.startswith(prefix + "/")}
@@ -129,7 +129,7 @@ def load_partial(
             f"strict load from {storage.url(name)}: missing {report.missing}, unexpected {report.unexpected}, "
             f"shape mismatches {report.skipped_shape}"
         )
-    _Transfer(storage, name, max_buffer, report).run(selected, targets, target, device)
+    _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
     report.loaded = sorted(k for _, k in selected)
     report.unexpected.sort()
     return report
@@ -146,10 +146,10 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
     """
     storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
     report = LoadReport()
-    sources, values = _plan(storage, name, report)
+    planned = plan(storage, name, report)
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                "bytes": math.prod(s.shape) * _itemsize(s.dtype)} for k, s in sources.items()]
-    out: dict[str, Any] = {"url": storage.url(name), "tensors": tensors, "values": values,
+                "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in planned.sources.items()]
+    out: dict[str, Any] = {"url": storage.url(name), "tensors": tensors, "values": planned.values,
                            "header_bytes_read": report.bytes_read}
     if is_checkpoint:
         info = CheckpointInfo.from_json(storage.read(MANIFEST_NAME), url=storage.url())
@@ -169,40 +169,63 @@ def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[FsspecSt
     return folder, info.files[0].path, True
 
 
-def _plan(storage: FsspecStorage, name: str, report: LoadReport) -> tuple[dict[str, SourceTensor], Any]:
-    """The file's tensors, and its non-tensor content (tensors shown as ``"<tensor key>"``)."""
-    size = storage.size(name)
+def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None) -> Plan:
+    """Plan the safetensors or torch file ``name`` from its header alone (see :class:`Plan`).
+
+    Raises:
+        CorruptCheckpointError: the header, directory or ``data.pkl`` is damaged or unplannable.
+        UnsafeCheckpointError: ``data.pkl`` references globals beyond tensors and containers.
+    """
+    size = storage.size(name) if size is None else size
     where = storage.url(name)
-    head = _read(storage, name, 0, min(HEAD_BYTES, size), report)  # length prefix and, usually, the header
+    head = _read(storage, name, 0, min(HEAD_BYTES, size), counter)  # length prefix and, usually, the header
     if head[:4] == b"PK\x03\x04":
-        return _plan_torch(storage, name, where, report)
+        return _plan_torch(storage, name, where, counter)
     length = header_length(head[:8], size, where)
-    raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, report)
+    raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, counter)
     header = parse_header(raw, size, where)
     sources = {k: SourceTensor(k, e.dtype, e.shape, e.start, e.end) for k, e in header.entries.items()}
     metadata: dict[str, Any] = dict(header.metadata)
-    if TREE_METADATA_KEY in metadata:
-        try:
-            metadata[TREE_METADATA_KEY] = unflatten(json.loads(metadata[TREE_METADATA_KEY]), lambda k, _: f"<tensor {k}>")
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise CorruptCheckpointError(f"{where}: the state skeleton is not valid: {err!r}") from err
-    return sources, metadata
+    if TREE_METADATA_KEY not in metadata:  # a plain safetensors file: its tensors are the tree
+        return Plan(sources, metadata, lambda load: {k: load(k, "cpu") for k in sources})
+    try:
+        skeleton = json.loads(metadata[TREE_METADATA_KEY])
+        metadata[TREE_METADATA_KEY] = unflatten(skeleton, lambda k, _: f"<tensor {k}>")
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CorruptCheckpointError(f"{where}: the state skeleton is not valid: {err!r}") from err
+    return Plan(sources, metadata, lambda load: unflatten(skeleton, load))
 
 
-def _plan_torch(storage: FsspecStorage, name: str, where: str, report: LoadReport) -> tuple[dict[str, SourceTensor], Any]:
+def _plan_torch(storage: FsspecStorage, name: str, where: str, counter: ReadCounter) -> Plan:
     with storage.open_read(name, exact=True) as f:
         counted = _CountingFile(f)
         refs, header_offsets, obj = read_plan(counted, where)  # type: ignore[arg-type]
-    report.bytes_read += counted.bytes_read
-    report.requests += counted.reads
+    counter.bytes_read += counted.bytes_read
+    counter.requests += counted.reads
     sources = {}
+    canonical: dict[TensorRef, str] = {}  # torch.save keeps tied tensors as one storage: read them once
     for k, r in refs.items():
         begin, end = r.span()
         contiguous = r.stride == _contiguous_stride(r.shape)
         header_offset, base = header_offsets[r.storage.member]
         sources[k] = SourceTensor(k, r.dtype, r.shape, base + begin, base + end,
                                   None if contiguous else r.stride, 0, (header_offset, base))
-    return sources, _describe_refs(obj)
+        canonical.setdefault(r, k)
+
+    def build(load: Loader) -> Any:
+        return _replace_refs(obj, lambda r: load(canonical[r], r.storage.location))
+
+    return Plan(sources, _describe_refs(obj), build)
+
+
+def _replace_refs(obj: Any, tensor: Callable[[TensorRef], Any]) -> Any:
+    if isinstance(obj, TensorRef):
+        return tensor(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _replace_refs(v, tensor)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_replace_refs(v, tensor) for v in obj)
+    return obj
 
 
 def _describe_refs(obj: Any) -> Any:
@@ -240,10 +263,10 @@ def _target_tensors(target: torch.nn.Module | dict[str, torch.Tensor]) -> dict[s
     return dict(target)
 
 
-def _read(storage: FsspecStorage, name: str, start: int, end: int, report: LoadReport) -> bytes:
+def _read(storage: FsspecStorage, name: str, start: int, end: int, counter: ReadCounter) -> bytes:
     data = storage.read(name, start, end)
-    report.bytes_read += len(data)
-    report.requests += 1
+    counter.bytes_read += len(data)
+    counter.requests += 1
     return data
 
 
@@ -263,166 +286,24 @@ class _CountingFile:
         return getattr(self.f, name)
 
 
-# -- transfer -----------------------------------------------------------------------------
-@dataclass
-class _Part:
-    """``[start, end)`` of the file lands at ``dest`` (a flat uint8 tensor)."""
-
-    start: int
-    end: int
-    dest: torch.Tensor
-
-
-@dataclass
-class _Request:
-    """One ranged read ``[start, end)`` serving several parts."""
-
-    start: int
-    end: int
-    parts: list[_Part]
-    needed: int = 0
-    skipped: int = 0
-
-    def __post_init__(self) -> None:
-        self.needed = self.end - self.start
-
-    def add(self, part: _Part) -> None:
-        self.skipped += max(part.start - self.end, 0)
-        self.needed += max(part.end - max(part.start, self.end), 0)
-        self.end = max(self.end, part.end)
-        self.parts.append(part)
-
-
-class _Transfer:
-    def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, report: LoadReport) -> None:
-        if max_buffer < 2**16:
-            raise ConfigError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
-        self.storage, self.name, self.report = storage, name, report
-        self.max_buffer, self.chunk = max_buffer, max(2**16, max_buffer // 4)
-        self.local = storage.local_path(name)
-        self._staging: list[torch.Tensor] = []
-        self._events: list[Any] = []
-        self._copies = 0
-
-    def run(self, selected: list[tuple[SourceTensor, str]], targets: dict[str, torch.Tensor],
-            target: Any, device: str | torch.device | None) -> None:
-        finalizers: list[Callable[[], None]] = []
-        parts: list[_Part] = []
-        for src, k in selected:
-            live = targets[k]
-            where = torch.device(device) if device is not None else live.device
-            direct = src.stride is None and src.dtype == live.dtype and where == live.device and live.is_contiguous()
-            if direct:
-                dest = live.detach().reshape(-1).view(torch.uint8)
-            else:
-                tmp = torch.empty((src.end - src.start) // _itemsize(src.dtype), dtype=src.dtype)
-                dest = tmp.view(torch.uint8)
-                finalizers.append(_finish(src, tmp, k, live, where, target))
-            parts.extend(_Part(s, min(s + self.chunk, src.end), dest[s - src.start : min(s + self.chunk, src.end) - src.start])
-                         for s in range(src.start, src.end, self.chunk))
-        # torch zips: each member's local header rides along in the same request as its data
-        headers = {src.zip_header: torch.empty(src.zip_header[1] - src.zip_header[0], dtype=torch.uint8)
-                   for src, _ in selected if src.zip_header is not None}
-        parts.extend(_Part(start, data, scratch) for (start, data), scratch in headers.items())
-        for batch in self._batches(sorted(parts, key=lambda p: p.start)):
-            self._fetch(batch)
-        for (start, data), scratch in headers.items():
-            if data_start(scratch.numpy().tobytes(), start, self.storage.url(self.name)) != data:
-                raise CorruptCheckpointError(
-                    f"{self.storage.url(self.name)}: the zip member at {start} is not laid out as torch.save writes it; "
-                    "load it with ckptstore.load instead"
-                )
-        if self._events:
-            torch.cuda.synchronize()
-        for finish in finalizers:
-            finish()
-
-    def _batches(self, parts: list[_Part]) -> Iterator[list[_Request]]:
-        """Coalesce sorted parts into requests, and requests into batches of <= max_buffer bytes.
-
-        A gap joins two parts only while the request's skipped bytes stay within
-        ``COALESCE_WASTE`` of its needed bytes, so the whole load moves at most 5% extra.
-        """
-        batch: list[_Request] = []
-        size = 0
-        for part in parts:
-            request = batch[-1] if batch else None
-            gap = part.start - request.end if request else 0
-            if (request and part.end - request.start <= self.chunk
-                    and request.skipped + max(gap, 0) <= COALESCE_WASTE * (request.needed + part.end - part.start)):
-                size += max(part.end - request.end, 0)
-                request.add(part)
-            else:
-                if batch and size + (part.end - part.start) > self.max_buffer:
-                    yield batch
-                    batch, size = [], 0
-                batch.append(_Request(part.start, part.end, [part]))
-                size += part.end - part.start
-        if batch:
-            yield batch
-
-    def _fetch(self, batch: list[_Request]) -> None:
-        if self.local is not None:
-            fd = os.open(self.local, os.O_RDONLY)
-            try:
-                for request in batch:
-                    for part in request.parts:
-                        self._pread(fd, part)
-            finally:
-                os.close(fd)
-            return
-        chunks = self.storage.read_ranges(self.name, [(r.start, r.end) for r in batch])
-        self.report.requests += len(batch)
-        for request, data in zip(batch, chunks):
-            self.report.bytes_read += len(data)
-            for part in request.parts:
-                self._land(memoryview(data)[part.start - request.start : part.end - request.start], part.dest)
-
-    def _pread(self, fd: int, part: _Part) -> None:
-        if part.dest.device.type == "cpu":
-            view = part.dest.numpy().data
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], part.start + done)
-                if n == 0:
-                    raise CorruptCheckpointError(f"{self.storage.url(self.name)} ended before byte {part.end}")
-                done += n
+# -- landing ------------------------------------------------------------------------------
+def _transfer(transfer: Transfer, selected: list[tuple[SourceTensor, str]], targets: dict[str, torch.Tensor],
+              target: Any, device: str | torch.device | None) -> None:
+    """Bytes straight into each target tensor where they fit as they are, else via a temporary."""
+    jobs: list[tuple[SourceTensor, torch.Tensor]] = []
+    finalizers: list[Callable[[], None]] = []
+    for src, k in selected:
+        live = targets[k]
+        where = torch.device(device) if device is not None else live.device
+        if where == live.device and landable(src, live):
+            jobs.append((src, byte_view(live)))
         else:
-            data = os.pread(fd, part.end - part.start, part.start)
-            self._land(memoryview(data), part.dest)
-        self.report.bytes_read += part.end - part.start
-        self.report.requests += 1
-
-    def _land(self, data: memoryview, dest: torch.Tensor) -> None:
-        if len(data) != dest.numel():
-            raise CorruptCheckpointError(f"{self.storage.url(self.name)}: short read ({len(data)} of {dest.numel()} bytes)")
-        source = numpy.frombuffer(data, dtype=numpy.uint8)
-        if dest.device.type == "cpu":
-            dest.numpy()[:] = source
-        else:
-            self._stage(source, dest)
-
-    def _stage(self, source: Any, dest: torch.Tensor) -> None:
-        """Copy host bytes to a device through two alternating pinned buffers."""
-        if not self._staging:
-            pinned = torch.cuda.is_available()
-            self._staging = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
-            self._events = [None, None]
-        slot = self._copies % 2
-        self._copies += 1
-        if self._events[slot] is not None:
-            self._events[slot].synchronize()  # the copy that last used this buffer is done
-        buffer = self._staging[slot][: len(source)]
-        buffer.numpy()[:] = source
-        dest.copy_(buffer, non_blocking=True)
-        if torch.cuda.is_available() and dest.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._events[slot] = event
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+            tmp = scratch(src)
+            jobs.append((src, tmp.view(torch.uint8)))
+            finalizers.append(_finish(src, tmp, k, live, where, target))
+    transfer.run(jobs)
+    for finish in finalizers:
+        finish()
 
 
 def _finish(src: SourceTensor, tmp: torch.Tensor, key: str, live: torch.Tensor, where: torch.device,
@@ -430,8 +311,7 @@ def _finish(src: SourceTensor, tmp: torch.Tensor, key: str, live: torch.Tensor, 
     """After the bytes arrived in ``tmp``: view, cast and move them into the target."""
 
     def finish() -> None:
-        value = tmp if src.stride is None else tmp.as_strided(src.shape, src.stride, src.offset)
-        value = value.reshape(src.shape).to(device=where, dtype=live.dtype)
+        value = shaped(src, tmp).to(device=where, dtype=live.dtype)
         if where == live.device:
             with torch.no_grad():
                 live.copy_(value)
@@ -441,4 +321,3 @@ def _finish(src: SourceTensor, tmp: torch.Tensor, key: str, live: torch.Tensor, 
             target[key] = value
 
     return finish
-

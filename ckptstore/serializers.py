@@ -205,13 +205,17 @@ class TorchFormat:
             return torch_load(tmp.name, src.where, map_location, weights_only)
 
 
-def crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None) -> int:
+def crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None,
+                  progress: Callable[[int], None] | None = None) -> int:
+    """Read ``size`` bytes of ``stream`` (copying them to ``copy_to``); return their CRC32C."""
     buffer = bytearray(max(1, min(CHUNK_BYTES, size)))
     for start in range(0, size, len(buffer)):
         view = memoryview(buffer)[: min(len(buffer), size - start)]
         stream.readinto(view)
         if copy_to is not None:
             copy_to.write(view)
+        if progress is not None:
+            progress(len(view))
     return stream.crc
 
 

@@ -203,13 +203,20 @@ class FsspecStorage:
         return {p[len(prefix):]: _mtime(info) for p, info in sorted(found.items()) if p.startswith(prefix)}
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
-        """Read several whole small files, concurrently where the store can."""
+        """Read several whole small files, concurrently where the store can.
+
+        Files that are gone by the time they are read (deleted since a listing named them,
+        say by another process's prune) are left out of the result.
+        """
         if not paths:
             return {}
         full = {self._full(p): p for p in paths}
         with self._errors("read", paths[0]):
-            data = self.fs.cat(list(full), on_error="raise")
-        return {full[k]: bytes(v) for k, v in data.items()}
+            data = self.fs.cat(list(full), on_error="return")
+            for value in data.values():
+                if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                    raise value
+        return {full[k]: bytes(v) for k, v in data.items() if not isinstance(v, Exception)}
 
     # -- writes ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -31,10 +31,11 @@ LOCAL_HEADER_SIZE = 30
 
 @dataclass(frozen=True)
 class StorageRef:
-    """A storage record inside the zip: its member name and size in bytes."""
+    """A storage record inside the zip: its member name, size in bytes and saved device."""
 
     member: str
     nbytes: int
+    location: str = "cpu"  # the device it was saved from ("cuda:0"), for map_location
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class _PlanUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CorruptCheckpointError(f"{self.where}: unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
+        _, storage_type, key, location, numel = pid
         member = f"{self.prefix}data/{key}"
         info = self.infos.get(member)
         if info is None or not isinstance(storage_type, _TypedStorage) or not isinstance(numel, int):
@@ -180,7 +181,7 @@ class _PlanUnpickler(pickle.Unpickler):
         nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
         if info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
             raise CorruptCheckpointError(f"{self.where}: storage {key!r} holds {info.file_size} bytes, data.pkl says {nbytes}")
-        return (StorageRef(member, nbytes), storage_type.dtype)
+        return (StorageRef(member, nbytes, str(location)), storage_type.dtype)
 
 
 def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:

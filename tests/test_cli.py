@@ -170,3 +170,34 @@ def test_s3_endpoint_and_credentials_come_from_the_environment(s3_endpoint):
     out = run("ls", "s3://env-bucket/run", env=env)
     assert out.returncode == 1 and out.stderr.startswith("ckptstore: error:") and "127.0.0.1:9" in out.stderr
     assert "check the URL, the endpoint and the network" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ls_all_shows_what_is_not_a_checkpoint(process_store):
+    store = process_store
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    mgr.save({"w": torch.ones(2)}, step=0)
+    storage = mgr.storage
+    storage.write_new("step_00000001/state-0123abcd.safetensors", b"half a save")  # a writer died here
+    storage.write_new("step_00000002/state-89abcdef.pt", b"x")
+    storage.write_new("step_00000002/manifest.json", b"{not json")
+    plain = run("ls", store.url, *storage_args(store))
+    assert plain.returncode == 0 and "step_00000000" in plain.stdout and "step_00000001" not in plain.stdout
+    everything = run("ls", store.url, "--all", *storage_args(store))
+    assert "step_00000001  (not a checkpoint: unfinished save (no manifest), idle" in everything.stdout
+    assert "step_00000002  (not a checkpoint: unreadable manifest" in everything.stdout
+    assert "\x1b[" not in everything.stdout  # no dimming when stdout is not a terminal
+    rows = json.loads(run("ls", store.url, "--all", "--json", *storage_args(store)).stdout)
+    assert [(r["name"], r["committed"]) for r in rows] == [("step_00000000", True), ("step_00000001", False), ("step_00000002", False)]
+
+
+def test_inspect_text_outlines_the_state(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    opt_model = torch.nn.Linear(2, 2)
+    info = mgr.save({"model": opt_model, "optimizer": torch.optim.Adam(opt_model.parameters()), "epoch": 7,
+                     "loss_history": [float(i) for i in range(20)]}, step=1)
+    out = run("inspect", info.url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "state:" in lines and "  epoch: 7" in lines and "        betas: [0.9, 0.999]" in lines
+    assert "  loss_history: [0.0, 1.0, 2.0, ... 20 values]" in lines
+    assert "model/weight" in out.stdout and "2 tensors, 24 B" in out.stdout

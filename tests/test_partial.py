@@ -11,7 +11,8 @@ from torch import nn
 
 import ckptstore
 from ckptstore import CheckpointManager, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError, load_partial
-from ckptstore.partial import LoadReport, _Transfer
+from ckptstore.partial import LoadReport
+from ckptstore.transfer import Transfer
 from ckptstore.storage import open_storage
 
 
@@ -124,7 +125,7 @@ def test_small_max_buffer_splits_big_tensors_without_changing_the_result(tmp_pat
 
 def test_staging_buffers_alternate_and_copy_exactly():
     """The device path's staging logic, exercised on the CPU (CUDA adds only non_blocking)."""
-    transfer = _Transfer(open_storage("memory://staging"), "x", 2**18, LoadReport())
+    transfer = Transfer(open_storage("memory://staging"), "x", 2**18, LoadReport())
     dest = torch.zeros(10, dtype=torch.uint8)
     import numpy as np
 

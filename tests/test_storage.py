@@ -37,3 +37,13 @@ def test_an_unreachable_endpoint_is_a_storage_error():
                "config_kwargs": {"retries": {"max_attempts": 1}}}
     with pytest.raises(StorageError, match=r"cannot reach .*127\.0\.0\.1:9.*check the URL, the endpoint and the network"):
         CheckpointManager("s3://bucket/run", storage_options=options)
+
+
+def test_read_many_leaves_out_files_deleted_since_they_were_listed(store):
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    storage.write_new("a.json", b"a")
+    storage.write_new("b.json", b"b")
+    listed = sorted(storage.list_files())
+    storage.delete("a.json")  # another process prunes between our listing and our read
+    assert storage.read_many(listed) == {"b.json": b"b"}
