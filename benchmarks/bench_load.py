@@ -32,33 +32,32 @@ Run ``python benchmarks/bench_load.py --help``; see ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import json
 import os
-import platform
-import re
-import resource
-import shlex
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from common.child import run_script_child
+from common.counting import fetch
+from common.proc import ProcStatus, Sampler, cpu_seconds
+from common.provenance import ckptstore_revision, ckptstore_source_hash, command_line, machine_info, utc_now
+from common.results_md import replace_section
+from common.servers import child_env, s3_options, start_moto
+from common.state import build_model, build_state, partial_blocks, partial_keys, state_shapes
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 MiB = 2**20
 GiB = 2**30
 SECTION = "## Load: full and partial"
 BUCKET = "ckptstore-bench-load"
-CONTROL = "/__bench__/"  # not a valid bucket name: never reaches moto
+VERSIONS = ("numpy", "s3fs", "aiobotocore", "aiohttp", "botocore", "moto", "werkzeug")
 
 # op -> (scenario, format, label, kind). kind: "ckptstore" | "stock" | "limit"
 OPERATIONS: dict[str, tuple[str, str, str, str]] = {
@@ -95,137 +94,18 @@ OPERATIONS: dict[str, tuple[str, str, str, str]] = {
     "s3:limit-needed-pt": ("s3", "pt", "limit: `fs.cat_ranges` of exactly the needed bytes", "limit"),
 }
 EXT = {"safetensors": "safetensors", "pt": "pt"}
-TARGET_BLOCKS = (0, 8, 16)  # the blocks the 10% target keeps
 
 
 # ---------------------------------------------------------------------------------------
-# Memory probes (Linux /proc; no psutil needed)
+# The 10% target, the file layouts
 # ---------------------------------------------------------------------------------------
-class ProcStatus:
-    """Reads VmRSS / RssAnon / VmHWM of this process from one open /proc/self/status descriptor."""
-
-    def __init__(self) -> None:
-        self.fd = os.open("/proc/self/status", os.O_RDONLY)
-
-    def fields(self, *names: bytes) -> list[int]:
-        data = os.pread(self.fd, 8192, 0)
-        out = []
-        for name in names:
-            i = data.index(name + b":")
-            out.append(int(data[i + len(name) + 1 : data.index(b"kB", i)]) * 1024)
-        return out
-
-    def rss(self) -> int:
-        return self.fields(b"VmRSS")[0]
-
-    def reset_hwm(self) -> bool:
-        """Reset VmHWM to the current RSS; True if the kernel accepted it."""
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        hwm, rss = self.fields(b"VmHWM", b"VmRSS")
-        return hwm <= rss + 4 * MiB
-
-
-class Sampler(threading.Thread):
-    """Samples VmRSS and RssAnon every ``interval`` seconds."""
-
-    def __init__(self, probe: ProcStatus, interval: float) -> None:
-        super().__init__(daemon=True)
-        self.probe, self.interval = probe, interval
-        self.stop_event = threading.Event()
-        self.max_rss = self.max_anon = self.n = 0
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            rss, anon = self.probe.fields(b"VmRSS", b"RssAnon")
-            self.n += 1
-            self.max_rss, self.max_anon = max(self.max_rss, rss), max(self.max_anon, anon)
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
-
-
-# ---------------------------------------------------------------------------------------
-# The synthetic state, the models, the file layouts
-# ---------------------------------------------------------------------------------------
-def state_shapes(size_bytes: int, layers: int = 24) -> dict[str, tuple[int, ...]]:
-    """Shapes of a GPT-like float32 state of about ``size_bytes`` (as bench_save_memory.py builds it).
-
-    Hidden size d holds ~85% of the bytes in ``layers`` blocks (qkv, out, fc1, fc2 weights
-    and biases, two layer norms: 12 d^2 + 13 d parameters each); the embedding (vocab x d)
-    takes the rest.
-    """
-    params = size_bytes // 4
-    d = max(64, round((0.85 * params / (12 * layers)) ** 0.5 / 64) * 64)
-    while d > 64 and params - layers * (12 * d * d + 13 * d) - 2 * d < d:
-        d -= 64
-    vocab = max(1, (params - layers * (12 * d * d + 13 * d) - 2 * d) // d)
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab, d)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "ln1.weight": (d,),
-                p + "ln1.bias": (d,),
-                p + "attn.qkv.weight": (3 * d, d),
-                p + "attn.qkv.bias": (3 * d,),
-                p + "attn.out.weight": (d, d),
-                p + "attn.out.bias": (d,),
-                p + "ln2.weight": (d,),
-                p + "ln2.bias": (d,),
-                p + "mlp.fc1.weight": (4 * d, d),
-                p + "mlp.fc1.bias": (4 * d,),
-                p + "mlp.fc2.weight": (d, 4 * d),
-                p + "mlp.fc2.bias": (d,),
-            }
-        )
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
-    return shapes
-
-
 def target_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """The 10% target: blocks TARGET_BLOCKS and ln_f as in the file, a resized embedding, a new head."""
+    """The 10% target: the partial blocks and ln_f as in the file, a resized embedding, a new head."""
     d = shapes["ln_f.weight"][0]
-    out = {k: v for k, v in shapes.items() if k.startswith("ln_f.") or any(k.startswith(f"layers.{b}.") for b in TARGET_BLOCKS)}
+    out = {k: shapes[k] for k in partial_keys(shapes)}
     out["embed.weight"] = (shapes["embed.weight"][0] + 1024, d)  # new vocabulary: shape mismatch, skipped
     out["head.weight"] = (16, d)  # not in the file: missing
     return out
-
-
-def build_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=torch.float32)
-        t.uniform_(-0.02, 0.02, generator=gen)
-        state[name] = t
-    return state
-
-
-def build_model(shapes: dict[str, tuple[int, ...]]) -> Any:
-    """An nn.Module whose state_dict has exactly ``shapes``; every parameter page written (zeros)."""
-    import torch
-
-    root = torch.nn.Module()
-    for name, shape in shapes.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        p = torch.nn.Parameter(torch.empty(shape, dtype=torch.float32))
-        with torch.no_grad():
-            p.zero_()
-        mod.register_parameter(leaf, p)
-    return root
 
 
 def fingerprint(t: Any) -> list[float]:
@@ -297,99 +177,8 @@ def needed_ranges(spans: dict[str, tuple[int, int]], selected: set[str]) -> list
 
 
 # ---------------------------------------------------------------------------------------
-# Server-side counting for the moto S3 server
+# The server's request log, summarized
 # ---------------------------------------------------------------------------------------
-class CountingApp:
-    """WSGI middleware around moto: counts requests and response body bytes, per request.
-
-    ``GET /__bench__/reset`` clears the log; ``GET /__bench__/stats`` returns it as JSON.
-    Neither reaches moto nor is counted.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-        self.log: list[dict[str, Any]] = []
-        self.in_flight = 0
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        path = environ.get("PATH_INFO", "")
-        if path.startswith(CONTROL):
-            deadline = time.monotonic() + 10
-            while self.in_flight and time.monotonic() < deadline:  # let the last response's close() land
-                time.sleep(0.005)
-            with self.lock:
-                if path.endswith("reset"):
-                    self.log = []
-                    body = b"{}"
-                else:
-                    body = json.dumps(self.log).encode()
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
-        entry: dict[str, Any] = {
-            "method": environ.get("REQUEST_METHOD", ""),
-            "path": path,
-            "query": environ.get("QUERY_STRING", ""),
-            "range": environ.get("HTTP_RANGE"),
-            "request_body": int(environ.get("CONTENT_LENGTH") or 0),
-            "body": 0,
-            "status": "",
-        }
-        t0 = time.perf_counter()
-        with self.lock:
-            self.in_flight += 1
-
-        def sr(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            entry["status"] = status.split(" ", 1)[0]
-            return start_response(status, headers, exc_info)
-
-        try:
-            result = self.app(environ, sr)
-        except BaseException:
-            with self.lock:
-                self.in_flight -= 1
-            raise
-        return self._count(result, entry, t0)
-
-    def _count(self, result: Any, entry: dict[str, Any], t0: float) -> Any:
-        try:
-            for chunk in result:
-                if entry["method"] != "HEAD":
-                    entry["body"] += len(chunk)
-                yield chunk
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-            entry["seconds"] = time.perf_counter() - t0
-            with self.lock:
-                self.log.append(entry)
-                self.in_flight -= 1
-
-
-def start_moto() -> tuple[Any, str, CountingApp]:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    wsgi = server._server  # werkzeug's server; its handler looks up .app for every request
-    counting = CountingApp(wsgi.app)
-    wsgi.app = counting
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}", counting
-
-
-def control(endpoint: str, what: str) -> Any:
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(endpoint + CONTROL + what, timeout=60) as r:
-        return json.loads(r.read())
-
-
 def anatomy(log: list[dict[str, Any]]) -> dict[str, int]:
     """Requests of one call by kind, e.g. {"HEAD": 2, "GET <= 64 B": 291, "GET > 1 MiB": 4}."""
     out: dict[str, int] = {}
@@ -473,11 +262,12 @@ def child_main(spec: dict[str, Any]) -> None:
         n = files["safetensors"]["file_bytes"]
         src, dst = torch.ones(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
     elif kind != "limit":
-        model = build_model(shapes if scenario == "local" else {k: tuple(v) for k, v in meta["target"].items()})
+        model = build_model(shapes if scenario == "local" else {k: tuple(v) for k, v in meta["target"].items()},
+                            requires_grad=True)
 
     # -- warm-up: the same code path on a tiny file --------------------------------------
     tiny = meta["tiny"][scenario][fmt_key]
-    tiny_model = build_model({"w": (4, 4)})
+    tiny_model = build_model({"w": (4, 4)}, requires_grad=True)
     fs = None
     if scenario == "s3":
         fs = fsspec.core.url_to_fs(path, **so)[0]  # the instance load_partial and fsspec.open reuse
@@ -543,7 +333,7 @@ def child_main(spec: dict[str, Any]) -> None:
                     pass
             cache = "warm (pre-read)"
     if scenario == "s3":
-        control(spec["endpoint"], "reset")
+        fetch(spec["endpoint"], "reset")
 
     # -- the measured call -----------------------------------------------------------------
     probe = ProcStatus()
@@ -553,16 +343,12 @@ def child_main(spec: dict[str, Any]) -> None:
     sampler = Sampler(probe, spec["sample_ms"] / 1000)
     sampler.start()
 
-    def cpu_now() -> float:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        return ru.ru_utime + ru.ru_stime
-
     attempts: list[tuple[float, float]] = []  # (wall, cpu); limits keep the best of several tries
     tries = spec["limit_tries"] if scenario == "local" and kind == "limit" else 1
     for attempt in range(tries):
         if attempt and spec["cache"] == "cold":
             drop_page_cache()
-        c0, t0 = cpu_now(), time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         if op == "local:limit-read":
             view = buf.numpy().data
             with open(path, "rb", buffering=0) as f:
@@ -580,11 +366,11 @@ def child_main(spec: dict[str, Any]) -> None:
             out = run(path, model, full=True)
             report_obj = out if kind == "ckptstore" else None
             moved = out if isinstance(out, int) else None
-        attempts.append((time.perf_counter() - t0, cpu_now() - c0))
+        attempts.append((time.perf_counter() - t0, cpu_seconds() - c0))
     wall, cpu = min(attempts)
     sampler.stop()
     hwm, rss_end = probe.fields(b"VmHWM", b"VmRSS")
-    server = control(spec["endpoint"], "stats") if scenario == "s3" else None
+    server = fetch(spec["endpoint"], "stats") if scenario == "s3" else None
     peak = max(hwm if hwm_ok else 0, sampler.max_rss)
 
     # -- check the result (outside the measured window) -----------------------------------
@@ -675,27 +461,6 @@ def prepare_files(workdir: Path, size_bytes: int, tag: str) -> tuple[dict[str, A
     files["tensors"] = len(state)
     del state
     return files, {"shapes": {k: list(v) for k, v in shapes.items()}, "fingerprints": fps}
-
-
-def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    fd, result_path = tempfile.mkstemp(prefix="bench-load-result-", suffix=".json")
-    os.close(fd)
-    spec = {**spec, "result": result_path}
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{spec['op']} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        with open(result_path) as f:
-            return json.load(f)
-    finally:
-        os.unlink(result_path)
 
 
 def med_range(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -831,69 +596,6 @@ def s3_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, AttributeError), open("/proc/cpuinfo") as f:
-        m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        cpu = m.group(1).strip() if m else cpu
-    ram = 0
-    with contextlib.suppress(OSError, AttributeError), open("/proc/meminfo") as f:
-        ram = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) * 1024  # type: ignore[union-attr]
-    import fsspec
-    import numpy
-    import safetensors
-    import torch
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "fsspec": fsspec.__version__,
-    }
-    for mod in ("s3fs", "aiobotocore", "aiohttp", "botocore", "moto", "werkzeug"):
-        with contextlib.suppress(ImportError, AttributeError):
-            versions[mod] = __import__(mod).__version__ if mod != "werkzeug" else _dist_version("werkzeug")
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "ram_gib": f"{ram / GiB:.1f}",
-        "kernel": platform.release(),
-        **versions,
-        "ckptstore": ckptstore_revision(),
-        "torch_threads": str(torch.get_num_threads()),
-    }
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
-def ckptstore_source_hash() -> str:
-    """sha256 (12 hex) of ckptstore/*.py as imported: tells whether the code changed during a run."""
-    import hashlib
-
-    import ckptstore
-
-    h = hashlib.sha256()
-    for f in sorted(Path(ckptstore.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def ckptstore_revision() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "ckptstore"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in ckptstore/" if dirty else "")
-
-
 def render_section(data: dict[str, Any]) -> str:
     info, a, meta = data["machine"], data["args"], data["meta"]
     rows = aggregate(data["runs"])
@@ -960,7 +662,7 @@ def render_section(data: dict[str, Any]) -> str:
             f"File: {sf['tensors']} float32 tensors, {mib(sf['state_bytes'])} MiB; .safetensors "
             f"{mib(sf['safetensors']['file_bytes'])} MiB, .pt {mib(sf['pt']['file_bytes'])} MiB, uploaded once per "
             f"format before the measurements (upload times: " + ", ".join(f".{k} {v:.1f} s" for k, v in meta["upload_s"].items()) + "). "
-            f"Target model: blocks {', '.join(map(str, TARGET_BLOCKS))} of 24 and `ln_f` with the file's shapes "
+            f"Target model: blocks {', '.join(map(str, partial_blocks()))} of 24 and `ln_f` with the file's shapes "
             f"({len(meta['selected'])} tensors, {mib(sel['safetensors'])} MiB = "
             f"{100 * sel['safetensors'] / sf['state_bytes']:.1f}% of the state), an `embed.weight` with 1024 more "
             "rows (shape mismatch: must be skipped, not fetched) and a new `head.weight` (missing from the file). "
@@ -1022,23 +724,17 @@ def render_section(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_results_md(path: Path, section: str, data: dict[str, Any]) -> None:
-    """Replace (or append) only this benchmark's section; re-reads the file right before writing."""
-    info = data["machine"]
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = (
-            f"# ckptstore benchmark results\n\nMachine: {info['cpu']}, {info['cores']} cores, "
-            f"{info['ram_gib']} GiB RAM, Linux {info['kernel']}.\n\n"
-            "Each section below says how it was produced; rerunning a benchmark replaces only its section.\n\n" + section
-        )
-    path.write_text(text.rstrip("\n") + "\n")
+def run_machine_info() -> dict[str, str]:
+    """``machine_info`` with the ckptstore revision and torch's thread count."""
+    import torch
+
+    return {**machine_info(VERSIONS), "ckptstore": ckptstore_revision(), "torch_threads": str(torch.get_num_threads())}
+
+
+def results_preamble(info: dict[str, str]) -> str:
+    """What a new RESULTS.md says above the first section."""
+    return (f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, Linux {info['kernel']}.\n\n"
+            "Each section below says how it was produced; rerunning a benchmark replaces only its section.\n\n")
 
 
 def report(data: dict[str, Any], args: argparse.Namespace) -> None:
@@ -1046,7 +742,7 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(section)
     if args.write_md:
-        write_results_md(Path(args.results_md), section, data)
+        replace_section(Path(args.results_md), SECTION, section, results_preamble(data["machine"]))
         print(f"updated {args.results_md} ({SECTION})")
 
 
@@ -1098,21 +794,13 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = {OPERATIONS[o][0] for o in ops}
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
-    machine = machine_info()  # the ckptstore revision measured is the one at the start
+    machine = run_machine_info()  # the ckptstore revision measured is the one at the start
     src_start = ckptstore_source_hash()
 
     (HERE / "out").mkdir(exist_ok=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="load-", dir=HERE / "out"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("AWS_PROFILE", None)
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    env = child_env()
 
     server = None
     try:
@@ -1150,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             import s3fs
 
             server, endpoint, counting = start_moto()
-            storage_options = {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+            storage_options = s3_options(endpoint)
             fs = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options)
             fs.mkdir(BUCKET)
             print(f"moto S3 server at {endpoint}, bucket {BUCKET}", flush=True)
@@ -1179,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{meta['upload_s'][f]:.1f}s; needed ranges {len(info['needed_ranges'])}",
                     flush=True,
                 )
-            counting.log = []
+            assert counting is not None
+            counting.control("reset")
         meta_path = workdir / "meta.json"
         meta_path.write_text(json.dumps(meta))
 
@@ -1197,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                     "endpoint": endpoint,
                     "storage_options": storage_options if OPERATIONS[op][0] == "s3" else {},
                 }
-                r = run_child(spec, env, args.timeout)
+                r = run_script_child(Path(__file__).resolve(), spec, env, args.timeout)
                 runs.append(r)
                 extra = ""
                 if "server" in r:
@@ -1218,16 +907,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "bench_load.py", *sys.argv[1:]]
-    )
     for info in (f for scen in meta["files"].values() for f in (scen["safetensors"], scen["pt"])):
         info.pop("spans", None)  # bulky; the ranges and totals stay
         info.pop("member_headers", None)
     meta.pop("fingerprints", None)
     data = {
-        "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(),
+        "date": utc_now(),
         "elapsed_s": time.perf_counter() - started,
         "loadavg": [load0, os.getloadavg()[0]],
         "machine": machine,

@@ -25,29 +25,29 @@ Run ``python benchmarks/bench_save_memory.py --help``; see ``benchmarks/README.m
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import json
 import os
-import platform
-import re
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from common.child import run_script_child
+from common.proc import ProcStatus, Sampler
+from common.provenance import ckptstore_revision, command_line, machine_info, utc_now
+from common.results_md import replace_section
+from common.servers import child_env, s3_fs, s3_options, start_moto
+from common.state import build_state, state_shapes
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 MiB = 2**20
 SECTION = "## Save: peak extra memory"
 BUCKET = "ckptstore-bench"
+VERSIONS = ("s3fs", "moto", "botocore", "aiobotocore", "aiohttp")
 
 # name -> (store, label shown in the table)
 OPERATIONS: dict[str, tuple[str, str]] = {
@@ -61,104 +61,22 @@ OPERATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------
-# Memory probes (Linux /proc; no psutil needed)
-# ---------------------------------------------------------------------------------------
-class ProcStatus:
-    """Reads VmRSS / VmHWM of this process from one open /proc/self/status descriptor."""
+class TracingSampler(Sampler):
+    """Also snapshots tracemalloc whenever the traced memory reaches a new high (``--profile``)."""
 
-    def __init__(self) -> None:
-        self.fd = os.open("/proc/self/status", os.O_RDONLY)
-
-    def read(self, field: bytes) -> int:
-        data = os.pread(self.fd, 8192, 0)
-        i = data.index(field + b":")
-        return int(data[i + len(field) + 1 : data.index(b"kB", i)]) * 1024
-
-    def rss(self) -> int:
-        return self.read(b"VmRSS")
-
-    def hwm(self) -> int:
-        return self.read(b"VmHWM")
-
-    def reset_hwm(self) -> bool:
-        """Reset VmHWM to the current RSS; True if the kernel accepted it."""
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return self.hwm() <= self.rss() + 4 * MiB
-
-
-class Sampler(threading.Thread):
-    """Samples RSS every ``interval`` seconds; optionally snapshots tracemalloc at its peak."""
-
-    def __init__(self, probe: ProcStatus, interval: float, trace: bool) -> None:
-        super().__init__(daemon=True)
-        self.probe, self.interval, self.trace = probe, interval, trace
-        self.stop_event = threading.Event()
-        self.max_rss, self.t_max, self.n = 0, 0.0, 0
+    def __init__(self, probe: ProcStatus, interval: float) -> None:
+        super().__init__(probe, interval)
         self.snapshot: Any = None
         self.snap_traced = 0
-        self.t0 = time.perf_counter()
 
-    def run(self) -> None:
+    def sample(self) -> None:
         import tracemalloc
 
-        while not self.stop_event.is_set():
-            rss = self.probe.rss()
-            self.n += 1
-            if rss > self.max_rss:
-                self.max_rss, self.t_max = rss, time.perf_counter() - self.t0
-            if self.trace:
-                current = tracemalloc.get_traced_memory()[0]
-                if current > self.snap_traced + 1 * MiB:  # a new traced high: keep what is alive now
-                    self.snapshot = tracemalloc.take_snapshot()
-                    self.snap_traced = current
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
-
-
-# ---------------------------------------------------------------------------------------
-# The synthetic state
-# ---------------------------------------------------------------------------------------
-def build_state(size_bytes: int, layers: int = 24) -> dict[str, Any]:
-    """A GPT-like float32 state_dict of about ``size_bytes``: ``layers`` blocks plus an embedding.
-
-    Hidden size d is chosen so the blocks hold ~85% of the bytes (12 d^2 + 13 d parameters
-    per block: qkv, out, fc1, fc2 weights and biases, two layer norms); the embedding
-    (vocab x d) takes the rest. Every tensor is filled (pages really allocated).
-    """
-    import torch
-
-    params = size_bytes // 4
-    d = max(64, round((0.85 * params / (12 * layers)) ** 0.5 / 64) * 64)
-    while d > 64 and params - layers * (12 * d * d + 13 * d) - 2 * d < d:
-        d -= 64
-    vocab = max(1, (params - layers * (12 * d * d + 13 * d) - 2 * d) // d)
-    gen = torch.Generator().manual_seed(0)
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab, d)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "ln1.weight": (d,), p + "ln1.bias": (d,),
-            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
-            p + "attn.out.weight": (d, d), p + "attn.out.bias": (d,),
-            p + "ln2.weight": (d,), p + "ln2.bias": (d,),
-            p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc1.bias": (4 * d,),
-            p + "mlp.fc2.weight": (d, 4 * d), p + "mlp.fc2.bias": (d,),
-        })
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
-    state = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=torch.float32)
-        t.uniform_(-0.02, 0.02, generator=gen)
-        state[name] = t
-    return state
+        super().sample()
+        current = tracemalloc.get_traced_memory()[0]
+        if current > self.snap_traced + 1 * MiB:  # a new traced high: keep what is alive now
+            self.snapshot = tracemalloc.take_snapshot()
+            self.snap_traced = current
 
 
 def state_nbytes(state: dict[str, Any]) -> int:
@@ -204,7 +122,7 @@ def child_main(spec: dict[str, Any]) -> None:
         os.makedirs(dest, exist_ok=True)
         os.makedirs(warm_dest, exist_ok=True)
 
-    state = build_state(spec["size_bytes"])
+    state = build_state(state_shapes(spec["size_bytes"]))
     nbytes = state_nbytes(state)
     if spec["warmup"]:
         run({"w": torch.zeros(16)}, warm_dest)
@@ -218,7 +136,7 @@ def child_main(spec: dict[str, Any]) -> None:
         tracemalloc.start(spec.get("frames", 30))
     baseline = probe.rss()
     hwm_ok = probe.reset_hwm()
-    sampler = Sampler(probe, spec["sample_ms"] / 1000, trace)
+    sampler = (TracingSampler if trace else Sampler)(probe, spec["sample_ms"] / 1000)
     sampler.start()
     t0 = time.perf_counter()
     run(state, dest)
@@ -236,7 +154,7 @@ def child_main(spec: dict[str, Any]) -> None:
         "peak_method": "VmHWM after clear_refs" if hwm_ok else "sampled VmRSS",
         "warmup": spec["warmup"],
     }
-    if trace:
+    if isinstance(sampler, TracingSampler):
         import tracemalloc
 
         _, traced_peak = tracemalloc.get_traced_memory()
@@ -285,42 +203,6 @@ def output_bytes(dest: str, storage_options: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------------------
 # Parent: schedule, S3 server, aggregate, report
 # ---------------------------------------------------------------------------------------
-def start_moto() -> tuple[Any, str]:
-    from moto.server import ThreadedMotoServer
-
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request (moto's 500s still show)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
-def s3_fs(endpoint: str) -> Any:
-    import s3fs
-
-    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
-                             skip_instance_cache=True)
-
-
-def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    fd, result_path = tempfile.mkstemp(prefix="bench-result-", suffix=".json")
-    os.close(fd)
-    spec = {**spec, "result": result_path}
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-            env=env, capture_output=True, text=True, timeout=timeout, check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{spec['op']} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        with open(result_path) as f:
-            return json.load(f)
-    finally:
-        os.unlink(result_path)
-
-
 def fmt_mib(b: float) -> str:
     return f"{b / MiB:.1f}"
 
@@ -414,68 +296,19 @@ def profile_markdown(profiles: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    ram = 0
-    try:
-        with open("/proc/meminfo") as f:
-            ram = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) * 1024  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        pass
-    import fsspec
-    import safetensors
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "safetensors": safetensors.__version__, "fsspec": fsspec.__version__}
-    for mod in ("s3fs", "moto", "botocore", "aiobotocore", "aiohttp"):
-        with contextlib.suppress(ImportError):
-            versions[mod] = __import__(mod).__version__
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram_gib": f"{ram / 2**30:.1f}",
-            "kernel": platform.release(), **versions, "ckptstore": ckptstore_revision()}
-
-
-def ckptstore_revision() -> str:
-    """The commit measured, flagged when ckptstore/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ckptstore"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in ckptstore/" if dirty else "")
-
-
-def write_results_md(path: Path, section: str, info: dict[str, str], command: str, date: str) -> None:
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = (
-            "# ckptstore benchmark results\n\n"
-            f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, Linux {info['kernel']}.  \n"
-            f"Python {info['python']}, torch {info['torch']}, safetensors {info['safetensors']}, "
-            f"fsspec {info['fsspec']}"
-            + (f", s3fs {info['s3fs']}, moto {info['moto']}, aiobotocore {info.get('aiobotocore')}, "
-               f"aiohttp {info.get('aiohttp')}" if "s3fs" in info else "")
-            + ".  \n"
-            f"Date: {date}.  \n"
-            f"Command: `{command}`\n\n"
-            "Each section below says how it was produced; rerunning a benchmark replaces only its section.\n\n"
-            + section
-        )
-    path.write_text(text.rstrip("\n") + "\n")
+def results_preamble(info: dict[str, str], command: str, date: str) -> str:
+    """What a new RESULTS.md says above the first section."""
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, Linux {info['kernel']}.  \n"
+        f"Python {info['python']}, torch {info['torch']}, safetensors {info['safetensors']}, "
+        f"fsspec {info['fsspec']}"
+        + (f", s3fs {info['s3fs']}, moto {info['moto']}, aiobotocore {info.get('aiobotocore')}, "
+           f"aiohttp {info.get('aiohttp')}" if "s3fs" in info else "")
+        + ".  \n"
+        f"Date: {date}.  \n"
+        f"Command: `{command}`\n\n"
+        "Each section below says how it was produced; rerunning a benchmark replaces only its section.\n\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
-        current = machine_info()  # versions the saved run did not record yet (same environment assumed)
+        current = machine_info(VERSIONS)  # versions the saved run did not record yet (same environment assumed)
         data["machine"] = {**{k: v for k, v in current.items() if k != "ckptstore"}, **data["machine"]}
         report(data, args)
         return 0
@@ -528,16 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     (HERE / "out").mkdir(exist_ok=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="save-memory-", dir=HERE / "out"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1"}
-    env.pop("AWS_PROFILE", None)
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    env = child_env()
 
     server, endpoint, fs = None, None, None
     storage_options: dict[str, Any] = {}
     if need_s3:
-        server, endpoint = start_moto()
-        storage_options = {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+        server, endpoint, _ = start_moto(count=False)
+        storage_options = s3_options(endpoint)
         if args.s3_block_size_mib:
             storage_options["default_block_size"] = int(args.s3_block_size_mib * MiB)
         fs = s3_fs(endpoint)
@@ -558,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_ms": args.sample_ms, "storage_options": storage_options if store == "s3" else {},
                 "profile": profile}
         try:
-            return run_child(spec, env, args.timeout)
+            return run_script_child(Path(__file__).resolve(), spec, env, args.timeout)
         finally:  # free the disk / moto's memory before the next child
             if store == "s3":
                 assert fs is not None
@@ -593,11 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    command = "python " + " ".join(shlex.quote(a) for a in
-                                   [os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "bench_save_memory.py",
-                                    *sys.argv[1:]])
-    data = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine_info(), "args": vars(args), "runs": results, "profiles": profiles}
+    data = {"command": command_line(), "date": utc_now(),
+            "machine": {**machine_info(VERSIONS), "ckptstore": ckptstore_revision()}, "args": vars(args),
+            "runs": results, "profiles": profiles}
     data["summary"] = aggregate(results, args.fixed_buffer_mib)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -613,7 +441,8 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(section)
     if args.write_md:
-        write_results_md(Path(args.results_md), section, data["machine"], data["command"], data["date"])
+        replace_section(Path(args.results_md), SECTION, section,
+                        results_preamble(data["machine"], data["command"], data["date"]))
         print(f"updated {args.results_md} ({SECTION})")
 
 
