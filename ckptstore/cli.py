@@ -187,6 +187,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=args.monitor,
                             mode=args.mode, storage_options=_storage_options(args.storage_option))
     doomed = mgr.prune(dry_run=not args.yes)
+    if args.json:
+        rows = [{"name": i.name, "step": i.step, "size": i.size} for i in doomed]
+        print(json.dumps({"deleted": args.yes, "checkpoints": rows}, indent=1))
+        return 0
     verb = "deleted" if args.yes else "would delete"
     for info in doomed:
         print(f"{verb} {info.name} (step {info.step}, {info.size:,} bytes)")
@@ -259,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--monitor")
     prune.add_argument("--mode", choices=["min", "max"], default="min")
     prune.add_argument("--yes", action="store_true", help="really delete")
+    prune.add_argument("--json", action="store_true", help="machine-readable output")
     prune.set_defaults(func=_cmd_prune)
 
     bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",

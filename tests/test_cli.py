@@ -100,8 +100,21 @@ def test_prune_is_a_dry_run_unless_yes(tmp_path):
         mgr.save({"x": step}, step=step)
     out = run("prune", str(tmp_path), "--keep-last", "2")
     assert "would delete step_00000000" in out.stdout and len(mgr.checkpoints()) == 4
+    plan = json.loads(run("prune", str(tmp_path), "--keep-last", "2", "--json").stdout)
+    assert plan == {"deleted": False, "checkpoints": [{"name": "step_00000000", "step": 0, "size": plan["checkpoints"][0]["size"]},
+                                                      {"name": "step_00000001", "step": 1, "size": plan["checkpoints"][1]["size"]}]}
     out = run("prune", str(tmp_path), "--keep-last", "2", "--yes")
     assert out.returncode == 0 and [c.step for c in mgr.checkpoints()] == [2, 3]
+
+
+def test_every_command_has_help_with_an_example():
+    from ckptstore.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(commands) == {"ls", "inspect", "verify", "convert", "prune", "bench", "demo"}
+    for name in commands:
+        out = run(name, "--help")
+        assert out.returncode == 0 and "example: ckptstore " + name in out.stdout, name
 
 
 def test_convert_between_formats_and_stores(remote_store, tmp_path):
@@ -149,6 +162,10 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     assert piped.stderr == "" and piped.stdout.count("\n") == 1  # not a terminal: no bar
     slow = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "c.safetensors"), env={})
     assert "B/s" not in slow  # a sub-second transfer shows nothing
+    root = tmp_path / "run"
+    (root / "step_00000001").mkdir(parents=True)
+    (root / "step_00000001" / "state-0123abcd.pt").write_bytes(b"half a save")
+    assert "\x1b[2mstep_00000001  (not a checkpoint" in run_in_terminal("ls", str(root), "--all", env={})  # dimmed
 
 
 @pytest.mark.remote
