@@ -4,9 +4,9 @@
 disk: 64 MiB ``write`` calls (+ the store's fsync), a cold ``readinto`` of a resident buffer, and
 one ``preadv`` per run of adjacent selected tensors. Other stores: ``fs.pipe`` / ``fs.cat`` /
 ``fs.cat_ranges`` of exactly the selected byte ranges. For a conversion it reads the source file
-and writes its bytes to the destination unchanged (a read, then a write, as above). ``limit-memcpy`` is ``dst.copy_(src)`` of
-as many bytes: no store moves them faster. The ``*_prepare`` functions are the untimed ``pre``
-steps of the implementation entries in ``impls.py``.
+and writes its bytes to the destination unchanged (a read, then a write, as above).
+``limit-memcpy`` is ``dst.copy_(src)`` of as many bytes: no store moves them faster. The
+``*_prepare`` functions are the untimed ``pre`` steps of the implementation entries in ``impls.py``.
 """
 
 from __future__ import annotations
