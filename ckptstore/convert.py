@@ -6,7 +6,7 @@ header, or a torch zip's directory and ``data.pkl`` through a restricted unpickl
 never imports arbitrary globals), builds the state tree with *placeholder* tensors
 (storages that are allocated but never touched, so they cost address space, not memory),
 lays out the destination from that tree, and then streams the tensor bytes from
-source to destination in ``CHUNK_BYTES`` ranged reads, in source-file order:
+source to destination in ``CHUNK_BYTES`` (16 MiB) ranged reads, in source-file order:
 
 * safetensors destination: the header comes from :func:`ckptstore.tree.flatten` of the
   placeholder tree, exactly as :func:`ckptstore.save` would write it; tensors are written in
@@ -18,7 +18,8 @@ source to destination in ``CHUNK_BYTES`` ranged reads, in source-file order:
   storage's bytes streamed from the source.
 * same format: the file is copied as it is.
 
-Peak memory is one chunk, plus one tensor for strided views of a torch storage. When the
+Peak memory is two blocks (the one being written and the next one arriving, 32 MiB),
+plus the store's upload buffers and one tensor for strided views of a torch storage. When the
 source is a ckptstore checkpoint folder, every source byte passes through CRC32C and the
 manifest's checksum is checked before the destination is committed: a damaged source
 leaves no destination behind.
@@ -47,7 +48,7 @@ from .storage import FsspecStorage, open_parent, open_storage
 from .torch_zip import TensorRef, data_start, read_plan
 from .transfer import SourceTensor
 
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 16 * 2**20
 ZIP_ALIGNMENT = 64
 Progress = Callable[[int], None]
 
@@ -87,7 +88,8 @@ def convert(
 
 # -- the source ---------------------------------------------------------------------------
 class _Source:
-    """A source file read by range, in chunks; sums CRC32C over every byte once, in order."""
+    """A source file read front to back in ``CHUNK_BYTES`` blocks (one request each, however
+    small the tensors); sums CRC32C over every byte once, in order."""
 
     def __init__(self, storage: FsspecStorage, name: str, expected_crc: int | None) -> None:
         self.storage, self.name, self.expected_crc = storage, name, expected_crc
@@ -95,21 +97,26 @@ class _Source:
         self.size = storage.size(name)
         self.is_zip = self.size >= 4 and storage.read(name, 0, 4) == b"PK\x03\x04"
         self.crc, self.pos = 0, 0
+        self.block, self.block_start = memoryview(b""), 0
 
-    def read(self, start: int, end: int) -> bytes:
-        """The bytes ``[start, end)``; bytes skipped since the last read are read and summed too."""
+    def read(self, start: int, end: int) -> memoryview:
+        """The bytes ``[start, end)``, at most a block; bytes skipped since the last read are summed too."""
         if start > self.pos:
             for _ in self.chunks(self.pos, start):
                 pass
-        data = self.storage.read(self.name, start, end) if end > start else b""
+        if not (self.block_start <= start and end <= self.block_start + len(self.block)):
+            block_end = min(max(end, start + CHUNK_BYTES), self.size)
+            self.block = memoryview(self.storage.read(self.name, start, block_end) if block_end > start else b"")
+            self.block_start = start
+        data = self.block[start - self.block_start : end - self.block_start]
         if len(data) != end - start:
             raise CorruptCheckpointError(f"{self.where}: read {len(data)} bytes for [{start}, {end}); the file is truncated")
         if end > self.pos:
-            self.crc = crc32c.crc32c(memoryview(data)[self.pos - start :], self.crc)
+            self.crc = crc32c.crc32c(data[self.pos - start :], self.crc)
             self.pos = end
         return data
 
-    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+    def chunks(self, start: int, end: int) -> Iterator[memoryview]:
         for s in range(start, end, CHUNK_BYTES):
             yield self.read(s, min(s + CHUNK_BYTES, end))
 
@@ -137,7 +144,7 @@ class _Source:
 
         return planned.build(load), regions
 
-    def storage_bytes(self, region: SourceTensor) -> Iterator[bytes]:
+    def storage_bytes(self, region: SourceTensor) -> Iterator[memoryview]:
         """The bytes ``[start, end)`` of a planned tensor, in chunks."""
         self.check_member(region)
         return self.chunks(region.start, region.end)
@@ -146,7 +153,7 @@ class _Source:
         """Torch sources: check the zip local header puts the data where the plan predicts."""
         if region.zip_header is not None:
             header_offset, predicted = region.zip_header
-            if data_start(self.read(header_offset, predicted), header_offset, self.where) != predicted:
+            if data_start(bytes(self.read(header_offset, predicted)), header_offset, self.where) != predicted:
                 raise CorruptCheckpointError(f"{self.where}: the zip member at {header_offset} is not laid out as torch.save writes it")
 
 
