@@ -45,7 +45,7 @@ from .partial import LoadReport, plan
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent, open_storage
-from .torch_zip import TensorRef, data_start, read_plan
+from .torch_zip import TensorRef, collect, data_start, read_plan
 from .transfer import SourceTensor
 
 CHUNK_BYTES = 16 * 2**20
@@ -237,8 +237,7 @@ def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dic
     The layout's tensors are paired with the placeholder tree's by their path; their
     dtype and shape must agree, which guards the pairing.
     """
-    placeholders: dict[str, torch.Tensor] = {}
-    _collect(canonical, "", placeholders)
+    placeholders = collect(canonical, lambda v: isinstance(v, torch.Tensor))
     out: dict[str, SourceTensor] = {}
     for path, ref in refs.items():
         t = placeholders.get(path)
@@ -247,17 +246,6 @@ def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dic
         region = regions[_storage_id(t)]
         out[ref.storage.member] = region
     return out
-
-
-def _collect(obj: Any, key: str, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out[key] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _collect(v, f"{key}/{k}" if key else str(k), out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _collect(v, f"{key}/{i}" if key else str(i), out)
 
 
 def _open_aligned(zf: zipfile.ZipFile, name: str, size: int) -> IO[bytes]:

@@ -17,6 +17,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -84,8 +85,7 @@ def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str,
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CorruptCheckpointError(f"{where}: cannot read data.pkl: {err}") from err
     obj = _PlanUnpickler(io.BytesIO(payload), prefix, infos, where).load_checked()
-    tensors: dict[str, TensorRef] = {}
-    _collect(obj, "", tensors)
+    tensors: dict[str, TensorRef] = collect(obj, lambda v: isinstance(v, TensorRef))
     starts = {name: predicted_data_start(i.header_offset, name, i.file_size) for name, i in infos.items()}
     offsets = {name: (i.header_offset, starts[name]) for name, i in infos.items()}
     return tensors, offsets, obj
@@ -114,15 +114,23 @@ def data_start(local_header: bytes, header_offset: int, where: str) -> int:
     return header_offset + LOCAL_HEADER_SIZE + name_len + extra_len
 
 
-def _collect(obj: Any, key: str, out: dict[str, TensorRef]) -> None:
-    if isinstance(obj, TensorRef):
+def collect(obj: Any, is_leaf: Callable[[Any], bool], key: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The leaves of a nested object, keyed by their path joined by ``/`` (read_plan's keys).
+
+    Example:
+        >>> collect({"a": [1, {"b": 2}]}, lambda v: isinstance(v, int))
+        {'a/0': 1, 'a/1/b': 2}
+    """
+    out = {} if out is None else out
+    if is_leaf(obj):
         out[key] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _collect(v, f"{key}/{k}" if key else str(k), out)
+            collect(v, is_leaf, f"{key}/{k}" if key else str(k), out)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _collect(v, f"{key}/{i}" if key else str(i), out)
+            collect(v, is_leaf, f"{key}/{i}" if key else str(i), out)
+    return out
 
 
 class _TypedStorage:
