@@ -105,9 +105,11 @@ class _Source:
             for _ in self.chunks(self.pos, start):
                 pass
         if not (self.block_start <= start and end <= self.block_start + len(self.block)):
-            block_end = min(max(end, start + CHUNK_BYTES), self.size)
-            self.block = memoryview(self.storage.read(self.name, start, block_end) if block_end > start else b"")
-            self.block_start = start
+            block_start = start - start % CHUNK_BYTES  # aligned: each block is fetched once
+            block_end = min(max(end, block_start + CHUNK_BYTES), self.size)
+            self.block = memoryview(b"")  # let go of the old block before the new one arrives
+            self.block = memoryview(self.storage.read(self.name, block_start, block_end) if block_end > block_start else b"")
+            self.block_start = block_start
         data = self.block[start - self.block_start : end - self.block_start]
         if len(data) != end - start:
             raise CorruptCheckpointError(f"{self.where}: read {len(data)} bytes for [{start}, {end}); the file is truncated")
@@ -117,8 +119,11 @@ class _Source:
         return data
 
     def chunks(self, start: int, end: int) -> Iterator[memoryview]:
-        for s in range(start, end, CHUNK_BYTES):
-            yield self.read(s, min(s + CHUNK_BYTES, end))
+        """``[start, end)`` in pieces that end at block boundaries."""
+        while start < end:
+            stop = min(end, start - start % CHUNK_BYTES + CHUNK_BYTES)
+            yield self.read(start, stop)
+            start = stop
 
     def copy(self, start: int, end: int, out: ChecksumWriter) -> None:
         for data in self.chunks(start, end):
