@@ -75,12 +75,12 @@ def convert(
     out_storage, out_name = open_parent(dst, storage_options)
     out_storage.makedirs()
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
+    tree, regions = reader.plan()  # also what proves the source is a torch or safetensors file
     with out_storage.open_write(out_name, size_hint=reader.size) as raw:
         out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
         if reader.is_zip != to_safetensors:  # the same format: copy the file as it is
             reader.copy(0, reader.size, out)
         else:
-            tree, regions = reader.plan()
             (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
         reader.finish()  # checks the source checksum before the destination is committed
     return out.size

@@ -168,3 +168,11 @@ def test_every_source_byte_is_fetched_once(tmp_path, monkeypatch):
     convert(tmp_path / "a.pt", tmp_path / "a.safetensors")
     size = (tmp_path / "a.pt").stat().st_size
     assert size <= sum(fetched) <= size + 2**16 + 4  # the planner's head read and the format sniff on top
+
+
+@pytest.mark.parametrize("name", ["junk.pt", "junk.safetensors"])
+def test_a_file_in_neither_format_is_refused_not_copied(tmp_path, name):
+    (tmp_path / name).write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CorruptCheckpointError):
+        convert(tmp_path / name, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
