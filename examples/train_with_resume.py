@@ -4,14 +4,16 @@
     python examples/train_with_resume.py s3://bucket/runs/example
 """
 
-import sys
+import argparse
 
 import torch
 from torch import nn
 
 from ckptstore import CheckpointManager, RNGState
 
-root = sys.argv[1] if len(sys.argv) > 1 else "./runs/example"
+parser = argparse.ArgumentParser(description="A training loop that resumes from its latest checkpoint.")
+parser.add_argument("root", nargs="?", default="./runs/example", help="any fsspec URL: a path, s3://..., gs://...")
+root = parser.parse_args().root
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
