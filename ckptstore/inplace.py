@@ -26,12 +26,18 @@ copying them (which holds the state twice in RAM):
    :func:`restore_into`: ``load_state_dict`` runs exactly as before (a ``copy_`` of a tensor
    onto itself is a no-op), with its hooks, key checks and optimizer casts.
 
-Integrity. Local files get their CRC32C pass first (the bytes are then in the page cache, so
-landing them costs a memory read, not a second disk read), and no live byte changes before
-it passes. Remote files are checked while they stream (each byte is fetched once): a
-mismatch is found only after the directly filled live tensors received the bytes. Nothing
-else is applied then (no ``load_state_dict``, no new values), the error says so, and a
-``"latest"`` restore goes on to the checkpoint before, which fills them again.
+Integrity. No live byte changes before the checksum passes. Local files get their CRC32C
+pass first (the bytes are then in the page cache, so landing them costs a memory read, not
+a second disk read). Remote files are downloaded once to a local temporary file, checksummed
+on the way (bounded memory; it needs local disk space for one checkpoint), and restored from
+there. (A first version checked remote bytes while they streamed into the live tensors; on
+damage, a "latest" fallback left the tensors that the older checkpoint lacks holding bad
+bytes.)
+
+Modules whose loading is not torch's key-for-key copy (load or state_dict hooks anywhere in
+the tree, ``_load_from_state_dict`` defined outside ``torch.nn``, an overridden
+``state_dict``/``load_state_dict``) get their tensors as new ones, as before: a hook may route
+saved tensor X into parameter Y, which bytes landed early by key would corrupt.
 
 Where the header cannot be planned (a torch file whose ``data.pkl`` holds more than the
 planner's restricted unpickler accepts) or a callable ``map_location`` must see torch's own
@@ -41,6 +47,9 @@ storages, the whole file is read as before and :func:`restore_into` copies it.
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +60,8 @@ from . import commit
 from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
-from .serializers import MapLocation, place
-from .storage import FsspecStorage
+from .serializers import ChecksumReader, MapLocation, check_crc, crc_of_stream, place
+from .storage import FsspecStorage, open_storage
 from .transfer import SourceTensor, Transfer, byte_view, landable, scratch, shaped
 from .tree import decanonicalize, is_stateful
 
@@ -122,14 +131,26 @@ def restore_checkpoint(
         StateMismatchError: a live tensor's shape differs from the saved one.
     """
     path, entry = commit.data_file(storage, info)
-    report = LoadReport()
-    streamed: tuple[int, int] | None = None
-    if verify and storage.local_path(path) is not None:
+    if verify and storage.local_path(path) is None:  # remote: a checked local copy first
+        with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:
+            name = posixpath.basename(path)
+            with storage.open_read(path) as raw, open(os.path.join(folder, name), "wb") as copy:
+                crc = crc_of_stream(ChecksumReader(raw, storage.url(path)), entry.size, copy_to=copy)
+            check_crc(crc, entry.crc32c, storage.url(path))
+            return _restore(open_storage(folder), name, storage, info, target, map_location, weights_only, verify, max_buffer)
+    if verify:
         commit.verify_file(storage, path, entry)
-    elif verify:
-        streamed = (entry.size, entry.crc32c)
+    return _restore(storage, path, storage, info, target, map_location, weights_only, verify, max_buffer)
+
+
+def _restore(
+    data: FsspecStorage, path: str, storage: FsspecStorage, info: CheckpointInfo, target: dict[str, Any] | None,
+    map_location: MapLocation, weights_only: bool, verify: bool, max_buffer: int,
+) -> tuple[dict[str, Any], LoadReport]:
+    """Restore from the verified data file ``path`` of ``data`` (``storage``/``info``: the checkpoint)."""
+    report = LoadReport()
     try:
-        planned: Plan | None = plan(storage, path, report, entry.size)
+        planned: Plan | None = plan(data, path, report, info.files[0].size)
     except (CorruptCheckpointError, UnsafeCheckpointError) as err:
         log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
         planned = None
@@ -152,15 +173,7 @@ def restore_checkpoint(
     direct = _destinations(pairs, sources)
     fresh = {k: scratch(sources[k]) for k in needed if k not in direct}
     jobs = [(sources[k], byte_view(direct[k]) if k in direct else fresh[k].view(torch.uint8)) for k in needed]
-    try:
-        Transfer(storage, path, max_buffer, report, verify=streamed).run(jobs)
-    except CorruptCheckpointError as err:
-        if direct:
-            raise CorruptCheckpointError(
-                f"{err}. {len(direct)} live tensors had already received its bytes and hold unverified data; "
-                "nothing else was restored: restore another checkpoint"
-            ) from err
-        raise
+    Transfer(data, path, max_buffer, report).run(jobs)
     report.loaded = sorted(direct)
     placed: dict[str, torch.Tensor] = {}
 
@@ -206,6 +219,8 @@ def _pair(live: Any, saved: Any, path: str, checked: bool, sources: dict[str, So
         if not isinstance(live, torch.Tensor) or is_lazy(live):
             return  # restore_into explains a type mismatch; lazy modules materialise on load
         src = sources[saved.key]
+        if checked and live.dim() == 0 and src.shape == (1,):
+            return  # torch loads a one-element tensor into a 0-d parameter; let it
         if checked and tuple(live.shape) != src.shape:
             raise StateMismatchError(
                 f"state{path} has shape {tuple(live.shape)}, the checkpoint's {saved.key!r} {src.shape}; "
@@ -213,7 +228,7 @@ def _pair(live: Any, saved: Any, path: str, checked: bool, sources: dict[str, So
             )
         out.append(_Pair(live, saved.key, path))
     elif isinstance(live, torch.nn.Module):
-        if type(live).state_dict is torch.nn.Module.state_dict and isinstance(saved, dict):
+        if _loads_key_for_key(live) and isinstance(saved, dict):
             for k, t in live.state_dict(keep_vars=True).items():
                 if isinstance(saved.get(k), _Saved):
                     _pair(t, saved[k], f"{path}[{k!r}]", True, sources, out)
@@ -229,6 +244,23 @@ def _pair(live: Any, saved: Any, path: str, checked: bool, sources: dict[str, So
     elif isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
         for i, (a, b) in enumerate(zip(live, saved)):
             _pair(a, b, f"{path}[{i}]", checked, sources, out)
+
+
+def _loads_key_for_key(module: torch.nn.Module) -> bool:
+    """True when ``load_state_dict`` copies each saved key into the parameter of that name:
+    no load or state_dict hooks anywhere in the tree, and no loading logic outside torch.
+
+    Otherwise a hook or override may route saved tensor X into parameter Y, which bytes
+    landed early by key would corrupt; such modules get their tensors as new ones.
+    """
+    top = type(module)
+    if top.state_dict is not torch.nn.Module.state_dict or top.load_state_dict is not torch.nn.Module.load_state_dict:
+        return False
+    for m in module.modules():
+        hooks = (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks, m._state_dict_hooks, m._state_dict_pre_hooks)
+        if any(hooks) or not type(m)._load_from_state_dict.__module__.startswith("torch.nn."):
+            return False
+    return True
 
 
 def _destinations(pairs: list[_Pair], sources: dict[str, SourceTensor]) -> dict[str, torch.Tensor]:

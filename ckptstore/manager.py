@@ -216,9 +216,8 @@ class CheckpointManager:
 
         ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
         warning), ``"best"``, a step number or a checkpoint name. ``verify`` checks the
-        CRC32C: before any live byte changes for local files, as the bytes stream for remote
-        ones (a mismatch then leaves the live tensors that received bytes unverified, says
-        so, and "latest" fills them again from the checkpoint before).
+        CRC32C before any live byte changes (remote checkpoints are first downloaded to a
+        local temporary file, checked on the way).
 
         Raises:
             CorruptCheckpointError: the checkpoint asked for (or, for "latest", every one) is damaged.

@@ -13,11 +13,6 @@ one), and hand the pairs to :class:`Transfer`, which knows nothing of keys or st
 * **Devices.** CPU destinations receive the bytes in their own storage. Others get them
   through two reusable pinned staging buffers with ``non_blocking`` copies, so the next
   chunk is filled while the previous one is in flight.
-* **Checksums while streaming** (``verify=(size, crc32c)``): the requests are made to tile
-  the whole file (gaps become read-only "cover" parts) and every byte is fed to CRC32C in
-  file order as it arrives, so a restore from an object store reads the file once and still
-  checks it. The check can only fail after the bytes have landed; callers say what that
-  means for their destinations.
 """
 
 from __future__ import annotations
@@ -27,12 +22,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import crc32c
 import numpy
 import torch
 
 from .errors import ConfigError, CorruptCheckpointError
-from .serializers import check_crc
 from .storage import FsspecStorage
 from .torch_zip import data_start
 
@@ -101,11 +94,11 @@ def itemsize(dtype: torch.dtype) -> int:
 
 @dataclass
 class _Part:
-    """``[start, end)`` of the file lands at ``dest`` (a flat uint8 tensor), or only passes by."""
+    """``[start, end)`` of the file lands at ``dest`` (a flat uint8 tensor)."""
 
     start: int
     end: int
-    dest: torch.Tensor | None
+    dest: torch.Tensor
 
 
 @dataclass
@@ -134,19 +127,14 @@ class Transfer:
     Args:
         max_buffer: the most bytes held in flight at once (at least 64 KiB).
         counter: receives the bytes and requests read.
-        verify: ``(file size, crc32c)``: read every byte of the file once, in order, through
-            ranged reads (also on local disks), and raise CorruptCheckpointError at the end
-            if the CRC32C differs.
     """
 
-    def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, counter: ReadCounter,
-                 *, verify: tuple[int, int] | None = None) -> None:
+    def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, counter: ReadCounter) -> None:
         if max_buffer < 2**16:
             raise ConfigError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
-        self.storage, self.name, self.counter, self.verify = storage, name, counter, verify
+        self.storage, self.name, self.counter = storage, name, counter
         self.max_buffer, self.chunk = max_buffer, max(2**16, max_buffer // 4)
-        self.local = storage.local_path(name) if verify is None else None
-        self._crc, self._crc_at = 0, 0
+        self.local = storage.local_path(name)
         self._staging: list[torch.Tensor] = []
         self._events: list[Any] = []
         self._copies = 0
@@ -163,8 +151,6 @@ class Transfer:
         headers = {src.zip_header: torch.empty(src.zip_header[1] - src.zip_header[0], dtype=torch.uint8)
                    for src, _ in jobs if src.zip_header is not None}
         parts.extend(_Part(start, data, scratch) for (start, data), scratch in headers.items())
-        if self.verify is not None:
-            parts.extend(self._covers(parts, self.verify[0]))
         for batch in self._batches(sorted(parts, key=lambda p: p.start)):
             self._fetch(batch)
         for (start, data), scratch in headers.items():
@@ -175,26 +161,10 @@ class Transfer:
                 )
         if any(e is not None for e in self._events):
             torch.cuda.synchronize()
-        if self.verify is not None:
-            size, expected = self.verify
-            if self._crc_at != size:
-                raise CorruptCheckpointError(f"{self.where}: checksummed {self._crc_at} of {size} bytes")
-            check_crc(self._crc, expected, self.where)
 
     @property
     def where(self) -> str:
         return self.storage.url(self.name)
-
-    def _covers(self, parts: list[_Part], size: int) -> list[_Part]:
-        """Read-only parts for every byte of ``[0, size)`` that no part covers."""
-        gaps, pos = [], 0
-        for part in sorted(parts, key=lambda p: p.start):
-            if part.start > pos:
-                gaps.append((pos, part.start))
-            pos = max(pos, part.end)
-        if pos < size:
-            gaps.append((pos, size))
-        return [_Part(s, min(s + self.chunk, end), None) for start, end in gaps for s in range(start, end, self.chunk)]
 
     def _batches(self, parts: list[_Part]) -> Iterator[list[_Request]]:
         """Coalesce sorted parts into requests, and requests into batches of <= max_buffer bytes.
@@ -234,24 +204,10 @@ class Transfer:
         self.counter.requests += len(batch)
         for request, data in zip(batch, chunks):
             self.counter.bytes_read += len(data)
-            if self.verify is not None:
-                self._checksum(request.start, data)
             for part in request.parts:
-                if part.dest is not None:
-                    self._land(memoryview(data)[part.start - request.start : part.end - request.start], part.dest)
-
-    def _checksum(self, start: int, data: bytes) -> None:
-        """Feed the bytes of ``data`` (at ``start``) that the CRC has not seen yet."""
-        skip = self._crc_at - start
-        if skip < 0:  # cannot happen while the covers tile the file
-            raise CorruptCheckpointError(f"{self.where}: bytes [{self._crc_at}, {start}) were never read")
-        if skip < len(data):
-            self._crc = crc32c.crc32c(memoryview(data)[skip:], self._crc)
-            self._crc_at = start + len(data)
+                self._land(memoryview(data)[part.start - request.start : part.end - request.start], part.dest)
 
     def _pread(self, fd: int, part: _Part) -> None:
-        if part.dest is None:
-            return
         if part.dest.device.type == "cpu":
             view = part.dest.numpy().data
             done = 0
