@@ -222,31 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptstore", description="Save, list and restore PyTorch checkpoints on any fsspec store.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help: str, example: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, example: str, *, json_output: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help="passed to fsspec (repeatable), e.g. client_kwargs='{\"endpoint_url\": \"http://...\"}'")
+        if json_output:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    ls = add("ls", "list the committed checkpoints under ROOT", "ckptstore ls s3://bucket/runs/exp1 --monitor val_loss")
+    ls = add("ls", "list the committed checkpoints under ROOT", "ckptstore ls s3://bucket/runs/exp1 --monitor val_loss", json_output=True)
     ls.add_argument("root")
     ls.add_argument("--monitor", help="metric that marks the best checkpoint")
     ls.add_argument("--mode", choices=["min", "max"], default="min")
     ls.add_argument("--all", action="store_true", help="also list what is not a checkpoint: unfinished saves, unreadable manifests")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_cmd_ls)
 
     inspect = add("inspect", "show a file's or checkpoint's tensors and values from its header only",
-                  "ckptstore inspect s3://bucket/runs/exp1/step_00000010")
+                  "ckptstore inspect s3://bucket/runs/exp1/step_00000010", json_output=True)
     inspect.add_argument("url")
-    inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_cmd_inspect)
 
     verify = add("verify", "check every checksum under a root, a checkpoint or a file; exit 1 on damage",
-                 "ckptstore verify s3://bucket/runs/exp1")
+                 "ckptstore verify s3://bucket/runs/exp1", json_output=True)
     verify.add_argument("url")
-    verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=_cmd_verify)
 
     conv = add("convert", "convert a file or checkpoint between torch (.pt) and safetensors, between any stores, "
@@ -256,14 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_cmd_convert)
 
     prune = add("prune", "apply a retention policy; shows what it would delete unless --yes",
-                "ckptstore prune ./runs/exp1 --keep-last 3 --keep-best 1 --monitor val_loss --yes")
+                "ckptstore prune ./runs/exp1 --keep-last 3 --keep-best 1 --monitor val_loss --yes", json_output=True)
     prune.add_argument("root")
     prune.add_argument("--keep-last", type=int, default=None)
     prune.add_argument("--keep-best", type=int, default=0)
     prune.add_argument("--monitor")
     prune.add_argument("--mode", choices=["min", "max"], default="min")
     prune.add_argument("--yes", action="store_true", help="really delete")
-    prune.add_argument("--json", action="store_true", help="machine-readable output")
     prune.set_defaults(func=_cmd_prune)
 
     bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",

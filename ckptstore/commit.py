@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
-from .serializers import ChecksumReader, ChecksumWriter, Format, MapLocation, Source, check_crc, crc_of_stream, get_format
+from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
 from .storage import FsspecStorage
 from .tree import iter_tensors
 
@@ -163,9 +163,7 @@ def verify_checkpoint(storage: FsspecStorage, info: CheckpointInfo, progress: Ca
 
 def verify_file(storage: FsspecStorage, path: str, entry: FileEntry, progress: Callable[[int], None] | None = None) -> None:
     """Stream ``path`` once and check it against ``entry``'s CRC32C; ``progress(n)`` per chunk read."""
-    where = storage.url(path)
-    with storage.open_read(path) as raw:
-        check_crc(crc_of_stream(ChecksumReader(raw, where), entry.size, progress=progress), entry.crc32c, where)
+    read_checked(Source(storage, path, entry.size), entry.crc32c, progress=progress)
 
 
 def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:

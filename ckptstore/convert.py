@@ -39,12 +39,11 @@ import crc32c
 import torch
 
 from . import tree as treelib
-from .errors import CheckpointNotFound, CorruptCheckpointError
-from .manifest import MANIFEST_NAME, CheckpointInfo
-from .partial import LoadReport, plan
+from .errors import CorruptCheckpointError
+from .partial import LoadReport, plan, resolve
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
-from .storage import FsspecStorage, open_parent, open_storage
+from .storage import FsspecStorage, open_parent
 from .torch_zip import TensorRef, collect, data_start, read_plan
 from .transfer import SourceTensor
 
@@ -71,7 +70,7 @@ def convert(
         >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
         tensor([1., 1.])
     """
-    reader = _open_source(os.fspath(src), storage_options)
+    reader = _open_source(src, storage_options)
     out_storage, out_name = open_parent(dst, storage_options)
     out_storage.makedirs()
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
@@ -95,9 +94,9 @@ class _Source:
         self.storage, self.name, self.expected_crc = storage, name, expected_crc
         self.where = storage.url(name)
         self.size = storage.size(name)
-        self.is_zip = self.size >= 4 and storage.read(name, 0, 4) == b"PK\x03\x04"
         self.crc, self.pos = 0, 0
         self.block, self.block_start = memoryview(b""), 0
+        self.is_zip = self.size >= 4 and self.read(0, 4) == b"PK\x03\x04"  # the first block, read anyway
 
     def read(self, start: int, end: int) -> memoryview:
         """The bytes ``[start, end)``, at most a block; bytes skipped since the last read are summed too."""
@@ -162,14 +161,12 @@ class _Source:
                 raise CorruptCheckpointError(f"{self.where}: the zip member at {header_offset} is not laid out as torch.save writes it")
 
 
-def _open_source(url: str, storage_options: dict[str, Any] | None) -> _Source:
-    folder = open_storage(url, storage_options)
-    try:
-        info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
-    except CheckpointNotFound:
-        return _Source(*open_parent(url, storage_options), None)
+def _open_source(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> _Source:
+    storage, name, info = resolve(url, storage_options)
+    if info is None:
+        return _Source(storage, name, None)
     entry = info.files[0]
-    source = _Source(folder, entry.path, entry.crc32c)
+    source = _Source(storage, name, entry.crc32c)
     if source.size != entry.size:
         raise CorruptCheckpointError(f"{source.where} is {source.size} bytes, its manifest says {entry.size}")
     return source

@@ -60,7 +60,7 @@ from . import commit
 from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
-from .serializers import ChecksumReader, MapLocation, check_crc, crc_of_stream, place
+from .serializers import MapLocation, Source, place, read_checked
 from .storage import FsspecStorage, open_storage
 from .transfer import SourceTensor, Transfer, byte_view, landable, scratch, shaped
 from .tree import decanonicalize, is_stateful
@@ -134,9 +134,8 @@ def restore_checkpoint(
     if verify and storage.local_path(path) is None:  # remote: a checked local copy first
         with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:
             name = posixpath.basename(path)
-            with storage.open_read(path) as raw, open(os.path.join(folder, name), "wb") as copy:
-                crc = crc_of_stream(ChecksumReader(raw, storage.url(path)), entry.size, copy_to=copy)
-            check_crc(crc, entry.crc32c, storage.url(path))
+            with open(os.path.join(folder, name), "wb") as copy:
+                read_checked(Source(storage, path, entry.size), entry.crc32c, copy_to=copy)
             return _restore(open_storage(folder), name, storage, info, target, map_location, weights_only, verify, max_buffer)
     if verify:
         commit.verify_file(storage, path, entry)

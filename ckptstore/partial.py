@@ -103,10 +103,10 @@ def load_partial(
         >>> sorted(report.loaded), report.missing
         (['bias', 'weight'], [])
     """
-    storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
+    storage, name, checkpoint = resolve(url, storage_options)
     report = LoadReport()
     sources = plan(storage, name, report).sources
-    prefix = key if key is not None else ("model" if is_checkpoint else None)
+    prefix = key if key is not None else ("model" if checkpoint else None)
     if prefix is not None:
         sources = {k[len(prefix) + 1 :]: v for k, v in sources.items() if k.startswith(prefix + "/")}
     renamed = _rename(sources, key_map)
@@ -144,29 +144,31 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
         >>> describe("memory://doc/describe/w.pt")["tensors"]
         [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
     """
-    storage, name, is_checkpoint = _resolve(os.fspath(url), storage_options)
+    storage, name, info = resolve(url, storage_options)
     report = LoadReport()
     planned = plan(storage, name, report)
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                 "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in planned.sources.items()]
     out: dict[str, Any] = {"url": storage.url(name), "tensors": tensors, "values": planned.values,
                            "header_bytes_read": report.bytes_read}
-    if is_checkpoint:
-        info = CheckpointInfo.from_json(storage.read(MANIFEST_NAME), url=storage.url())
+    if info is not None:
         out["checkpoint"] = {"name": info.name, "step": info.step, "metrics": info.metrics, "format": info.format,
                              "created": info.created.isoformat(), "size": info.size}
     return out
 
 
 # -- planning -----------------------------------------------------------------------------
-def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[FsspecStorage, str, bool]:
-    """(storage of the file's folder, file name, is a checkpoint folder); follows manifests."""
+def resolve(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None
+) -> tuple[FsspecStorage, str, CheckpointInfo | None]:
+    """(storage of the file's folder, file name, the checkpoint's manifest if ``url`` is a
+    checkpoint folder, else None): a checkpoint folder resolves to its data file."""
     folder = open_storage(url, storage_options)
     try:
         info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
     except CheckpointNotFound:
-        return (*open_parent(url, storage_options), False)
-    return folder, info.files[0].path, True
+        return (*open_parent(url, storage_options), None)
+    return folder, info.files[0].path, info
 
 
 def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None) -> Plan:

@@ -194,29 +194,29 @@ class TorchFormat:
         local = src.storage.local_path(src.path)
         if local is not None:
             if expected_crc is not None:
-                with open(local, "rb") as f:
-                    check_crc(crc_of_stream(ChecksumReader(f, src.where), src.size), expected_crc, src.where)
+                read_checked(src, expected_crc)
             return torch_load(local, src.where, map_location, weights_only)
         with tempfile.NamedTemporaryFile(prefix="ckptstore-", suffix=".pt") as tmp:
-            with src.storage.open_read(src.path) as raw:
-                crc = crc_of_stream(ChecksumReader(raw, src.where), src.size, copy_to=tmp)
+            read_checked(src, expected_crc, copy_to=tmp)
             tmp.flush()
-            check_crc(crc, expected_crc, src.where)
             return torch_load(tmp.name, src.where, map_location, weights_only)
 
 
-def crc_of_stream(stream: ChecksumReader, size: int, copy_to: IO[bytes] | None = None,
-                  progress: Callable[[int], None] | None = None) -> int:
-    """Read ``size`` bytes of ``stream`` (copying them to ``copy_to``); return their CRC32C."""
-    buffer = bytearray(max(1, min(CHUNK_BYTES, size)))
-    for start in range(0, size, len(buffer)):
-        view = memoryview(buffer)[: min(len(buffer), size - start)]
-        stream.readinto(view)
-        if copy_to is not None:
-            copy_to.write(view)
-        if progress is not None:
-            progress(len(view))
-    return stream.crc
+def read_checked(src: Source, expected_crc: int | None, *, copy_to: IO[bytes] | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """Read ``src`` once, in ``CHUNK_BYTES`` pieces (copied to ``copy_to``, counted by
+    ``progress``), and check its CRC32C against ``expected_crc`` (unless None)."""
+    with src.storage.open_read(src.path) as raw:
+        stream = ChecksumReader(raw, src.where)
+        buffer = bytearray(max(1, min(CHUNK_BYTES, src.size)))
+        for start in range(0, src.size, len(buffer)):
+            view = memoryview(buffer)[: min(len(buffer), src.size - start)]
+            stream.readinto(view)
+            if copy_to is not None:
+                copy_to.write(view)
+            if progress is not None:
+                progress(len(view))
+    check_crc(stream.crc, expected_crc, src.where)
 
 
 def check_crc(actual: int, expected: int | None, where: str) -> None:
