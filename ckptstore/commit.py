@@ -12,45 +12,61 @@ is a copy plus a delete, not atomic) and a local disk can do everything an objec
    S3). A checkpoint exists iff its manifest does, so readers never see a partial one, and
    of two writers of one step exactly one commits.
 
+A lost reply is not a lost race. The manifest write can succeed on the server while its
+reply is lost (a reset connection); the client retries and the create-only retry is refused.
+So on ``FileExistsError`` the writer reads the manifest that is there: if it names this
+writer's own data file (its random token, size and CRC32C), the commit was its own and the save
+succeeded; otherwise another writer won and this one deletes its data file.
+
 Deleting runs the other way round: the manifest first (the checkpoint vanishes atomically),
-then the data. A folder that holds only ckptstore data files and no manifest, and has been
-idle for a while, is an abandoned save (a killed job); :func:`clean_abandoned` removes it.
-"Idle for a while" matters: the folder of a save in progress elsewhere (a second process,
-or the old instance of a reclaimed spot job still flushing its last checkpoint) looks the
-same, and deleting it would let that writer commit a manifest whose data is gone. As a
-second guard a writer checks its data file after committing and un-commits if it vanished.
-Folders that hold anything else are never touched, so a root can share a prefix with logs.
+then exactly the data files it listed. Unfinished saves and temp files are removed by
+:mod:`ckptstore.cleanup`; as a second guard a writer checks its data file after committing
+and un-commits if it vanished. Folders that hold anything else are never touched, so a root
+can share a prefix with logs.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointExists, CheckpointNotFound, CorruptCheckpointError, StorageError
-from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
+from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, CorruptCheckpointError, StorageError
+from .manifest import MANIFEST_NAME, TOMBSTONE, CheckpointInfo, FileEntry
 from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
-from .storage import FsspecStorage
+from .storage import TEMP_FILE, FsspecStorage
 from .tree import iter_tensors
 
 log = logging.getLogger("ckptstore")
 
-_DATA_FILE = re.compile(r"^(?:state-[0-9a-f]{8}\.(?:safetensors|pt)|\..+\.tmp)$")
+_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt)$")
+
+
+def _ours(name: str) -> bool:
+    """A file name ckptstore writes inside a checkpoint folder (data file or temp file)."""
+    return bool(_DATA_FILE.match(name) or TEMP_FILE.match(name))
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Files under the root that no manifest describes: an unfinished save or a temp file."""
+
+    files: tuple[str, ...]  # relative to the root
+    mtime: float  # the newest modification time among them, as the store reports it
+    tombstone: bool = False  # a cleaner claimed this folder: its manifest is a tombstone
 
 
 @dataclass(frozen=True)
 class Scan:
-    """What a root holds: committed checkpoints, unreadable manifests, abandoned folders."""
+    """What a root holds: committed checkpoints, unreadable manifests, leftovers."""
 
     committed: list[CheckpointInfo]
-    corrupt: list[str]
-    abandoned: dict[str, float]  # folder -> newest modification time of its files
-    stray: list[str]
+    corrupt: dict[str, tuple[str, ...]]  # folder -> its files: unreadable manifest, left for the user
+    abandoned: dict[str, Leftover]  # folder -> an unfinished (or claimed) save
+    stray: dict[str, Leftover]  # file -> temp files and unlisted data files, in committed folders or at the root
 
 
 def write_checkpoint(
@@ -73,9 +89,13 @@ def write_checkpoint(
     )
     try:
         storage.write_new(manifest_path, info.to_json())
-    except FileExistsError as err:  # another writer committed this step first: keep theirs
-        storage.delete(f"{name}/{data_name}")
-        raise _exists(storage, name) from err
+    except FileExistsError as err:
+        there = _read_if_present(storage, manifest_path)
+        if there is not None and _names_our_file(there, info.files[0]):
+            log.info("%s: the manifest write's reply was lost; the manifest there is ours, so the commit stands", info.url)
+        else:
+            storage.delete(f"{name}/{data_name}")
+            raise _refused(storage, name, there) from err
     if not storage.exists(f"{name}/{data_name}"):  # removed under us by a concurrent cleanup
         storage.delete(manifest_path)
         raise StorageError(
@@ -85,26 +105,68 @@ def write_checkpoint(
     return info
 
 
-def _exists(storage: FsspecStorage, name: str) -> CheckpointExists:
+def _read_if_present(storage: FsspecStorage, path: str) -> bytes | None:
+    try:
+        return storage.read(path)
+    except CheckpointNotFound:
+        return None
+
+
+def _names_our_file(manifest: bytes, ours: FileEntry) -> bool:
+    try:
+        return ours in CheckpointInfo.from_json(manifest, url="").files
+    except CorruptCheckpointError:
+        return False
+
+
+def _refused(storage: FsspecStorage, name: str, there: bytes | None) -> CkptStoreError:
+    """The error for a manifest write refused because ``there`` (None: gone again) was first."""
+    url = storage.url(name)
+    if there == TOMBSTONE:
+        return StorageError(
+            f"{url}: another process judged this save abandoned and is removing it, so it was not committed "
+            "(two jobs on one root, or abandoned_after shorter than a save takes); save again"
+        )
+    if there is None:
+        return StorageError(f"{url}: another process committed and removed this step while it was saved; save again")
+    try:
+        CheckpointInfo.from_json(there, url=url)
+    except CorruptCheckpointError:
+        return CheckpointExists(unreadable_manifest_message(storage, name))
     return CheckpointExists(
         f"checkpoint {name} is already committed under {storage.url()}; save with a new step, "
-        "or delete it first (ckptstore prune / CheckpointManager.delete)"
+        f"or delete it first (CheckpointManager.delete({name!r}) or: ckptstore delete {storage.url()} {name})"
+    )
+
+
+def unreadable_manifest_message(storage: FsspecStorage, name: str) -> str:
+    """What to do about a checkpoint folder whose manifest cannot be read."""
+    return (
+        f"{storage.url(name)} holds an unreadable manifest, so it is not a checkpoint but its name is taken; "
+        f"look at it (ckptstore ls --all {storage.url()}), then remove it with "
+        f"CheckpointManager.delete({name!r}) or: ckptstore delete {storage.url()} {name}"
     )
 
 
 def scan(storage: FsspecStorage) -> Scan:
     """List the root once and read every manifest (concurrently where the store can)."""
-    folders: dict[str, list[str]] = {}
-    newest: dict[str, float] = {}
+    folders: dict[str, dict[str, float]] = {}
+    at_root: dict[str, float] = {}
     for path, mtime in storage.list_files().items():
         folder, _, rest = path.partition("/")
-        if rest and "/" not in rest:
-            folders.setdefault(folder, []).append(rest)
-            newest[folder] = max(newest.get(folder, 0.0), mtime)
+        if not rest:
+            at_root[path] = mtime
+        elif "/" not in rest:
+            folders.setdefault(folder, {})[rest] = mtime
     manifests = [f"{f}/{MANIFEST_NAME}" for f, files in folders.items() if MANIFEST_NAME in files]
-    committed, corrupt = [], []
+    committed: list[CheckpointInfo] = []
+    corrupt: dict[str, tuple[str, ...]] = {}
+    claimed: set[str] = set()
     for path, data in sorted(storage.read_many(manifests).items()):
         folder = path.split("/")[0]
+        if data == TOMBSTONE:
+            claimed.add(folder)
+            continue
         try:
             info = CheckpointInfo.from_json(data, url=storage.url(folder))
             if info.name != folder:
@@ -112,17 +174,19 @@ def scan(storage: FsspecStorage) -> Scan:
             committed.append(info)
         except CorruptCheckpointError as err:
             log.warning("ignoring %s: %s", folder, err)
-            corrupt.append(folder)
+            corrupt[folder] = tuple(f"{folder}/{n}" for n in sorted(folders[folder]))
     abandoned = {
-        f: newest[f] for f, files in sorted(folders.items())
-        if MANIFEST_NAME not in files and all(_DATA_FILE.match(n) for n in files)
+        f: Leftover(tuple(f"{f}/{n}" for n in sorted(files)), max(files.values()), tombstone=f in claimed)
+        for f, files in sorted(folders.items())
+        if f in claimed or (MANIFEST_NAME not in files and all(_ours(n) for n in files))
     }
-    stray = [
-        f"{i.name}/{n}" for i in committed for n in folders[i.name]
-        if n != MANIFEST_NAME and _DATA_FILE.match(n) and n not in {e.path for e in i.files}
-    ]
+    stray = {
+        f"{i.name}/{n}": Leftover((f"{i.name}/{n}",), mtime) for i in committed for n, mtime in folders[i.name].items()
+        if n != MANIFEST_NAME and _ours(n) and n not in {e.path for e in i.files}
+    }
+    stray.update({p: Leftover((p,), mtime) for p, mtime in at_root.items() if TEMP_FILE.match(p)})
     committed.sort(key=lambda i: (i.step, i.created))
-    return Scan(committed, sorted(corrupt), abandoned, stray)
+    return Scan(committed, corrupt, abandoned, dict(sorted(stray.items())))
 
 
 def read_checkpoint(
@@ -176,19 +240,17 @@ def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
         raise CorruptCheckpointError(f"{where} is {actual} bytes, the manifest says {expected} (truncated or replaced)")
 
 
-def delete_checkpoint(storage: FsspecStorage, name: str) -> None:
-    """Un-commit ``name`` (manifest first, atomically), then delete its data."""
+def delete_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
+    """Un-commit ``info`` (manifest first, atomically), then delete exactly the files it lists."""
+    storage.delete(f"{info.name}/{MANIFEST_NAME}")
+    for entry in info.files:
+        storage.delete(f"{info.name}/{entry.path}")
+    storage.remove_folder(info.name)
+
+
+def delete_unreadable(storage: FsspecStorage, name: str, files: tuple[str, ...]) -> None:
+    """Delete a folder with an unreadable manifest: the manifest first, then the files listed."""
     storage.delete(f"{name}/{MANIFEST_NAME}")
-    storage.delete(name)
-
-
-def clean_abandoned(storage: FsspecStorage, found: Scan, idle_seconds: float, now: float | None = None) -> list[str]:
-    """Delete abandoned saves idle for ``idle_seconds``, and stray data files in committed folders."""
-    now = time.time() if now is None else now
-    gone = [folder for folder, mtime in found.abandoned.items() if now - mtime >= idle_seconds]
-    for folder in gone:
-        log.info("removing abandoned partial checkpoint %s", storage.url(folder))
-        storage.delete(folder)
-    for path in found.stray:
+    for path in files:
         storage.delete(path)
-    return gone
+    storage.remove_folder(name)

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from . import commit, retention
-from .errors import CheckpointExists, CheckpointNotFound, ConfigError, CorruptCheckpointError, InvalidNameError
+from . import cleanup, commit, retention
+from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, InvalidNameError
+from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
 from .manifest import CheckpointInfo
 from .partial import LoadReport, load_partial
-from .serializers import ChecksumWriter, MapLocation, format_for_path, get_format
+from .serializers import MapLocation, get_format
 from .storage import check_relative_path, open_storage
 from .tree import canonicalize
 
@@ -43,11 +44,13 @@ class CheckpointManager:
         mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
         format: ``"safetensors"`` (default) or ``"torch"``.
         storage_options: passed to fsspec as-is (credentials, endpoint, ...).
-        export_best: optional file name (``model_best.safetensors`` or ``.pt``) under the root,
-            atomically replaced with the weights of ``state[export_key]`` on every new best.
+        export_best: optional file name (``model_best.safetensors`` or ``.pt``) under the root
+            that holds the weights of ``state[export_key]`` of the best checkpoint ever
+            committed by ``monitor`` (needs ``monitor``); see :mod:`ckptstore.export`.
         export_key: the state entry ``export_best`` exports.
-        abandoned_after: seconds a folder without manifest must be idle before a save or
-            prune deletes it as an abandoned save (a save in progress elsewhere is not idle).
+        abandoned_after: seconds a folder without manifest must be idle, by the store's clock
+            and by this process's, before a save or prune deletes it as an abandoned save (a
+            save in progress elsewhere is not idle); see :mod:`ckptstore.cleanup`.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -78,6 +81,8 @@ class CheckpointManager:
             check_relative_path(export_best)
             if "/" in export_best or not export_best.endswith((".safetensors", ".pt", ".pth")):
                 raise ConfigError(f"`export_best` must be a file name ending in .safetensors, .pt or .pth, got {export_best!r}")
+            if not monitor:
+                raise ConfigError("`export_best` needs `monitor`, the metric that decides which checkpoint is best")
         self.export_best, self.export_key = export_best, export_key
         if abandoned_after < 0:
             raise ConfigError(f"`abandoned_after` must be >= 0 seconds, got {abandoned_after!r}")
@@ -85,6 +90,8 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.storage = open_storage(root, storage_options)
         self.storage.check_bucket()
+        self._export = BestExport(self.storage, export_best, export_key, monitor, mode) if export_best and monitor else None
+        self._idle = cleanup.IdleClock()
 
     @property
     def root(self) -> str:
@@ -108,12 +115,21 @@ class CheckpointManager:
 
     # -- saving ---------------------------------------------------------------------------
     def save(
-        self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *, name: str | None = None
+        self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *,
+        name: str | None = None, allow_older: bool = False,
     ) -> CheckpointInfo:
         """Save ``state`` as the checkpoint of ``step``, commit it, then apply retention.
 
+        A step below the newest committed one is refused unless ``allow_older=True``: it is
+        a new run in an old root, or a rollback, and ``restore()`` would still resume from
+        the newer step. With ``allow_older=True`` the checkpoint is kept by this call's
+        retention; later saves apply the policy to it as to any other.
+
         Raises:
-            CheckpointExists: ``step`` (or ``name``) is already committed.
+            CheckpointExists: ``step`` (or ``name``) is already committed, or its folder holds
+                an unreadable manifest (the message says how to remove it).
+            ConfigError: ``step`` is older than the newest committed step (see above), or
+                ``state[export_key]`` is not exportable.
             UnsupportedValueError: a value in ``state`` cannot be stored without pickle.
             StorageError: the store refused the write; earlier checkpoints are intact.
         """
@@ -122,28 +138,58 @@ class CheckpointManager:
         name = self._check_name(name or f"step_{step:08d}")
         values = {k: float(v) for k, v in (metrics or {}).items()}
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
+        if self._export is not None:
+            weights_to_export(tree, self.export_key)
         self.storage.makedirs()
         found = commit.scan(self.storage)
+        self._check_free(found, step, name, allow_older)
+        cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
+        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
+        log.info("saved %s (%d bytes)", info.url, info.size)
+        committed = [*found.committed, info]
+        if self._reconcile_export(committed, (info, tree)):
+            self._delete(self._doomed(committed, protect=info.name))
+        return info
+
+    def _check_free(self, found: commit.Scan, step: int, name: str, allow_older: bool) -> None:
         clash = next((i for i in found.committed if i.step == step or i.name == name), None)
         if clash is not None:
             raise CheckpointExists(
                 f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
             )
-        commit.clean_abandoned(self.storage, found, self.abandoned_after)
-        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
-        log.info("saved %s (%d bytes)", info.url, info.size)
-        committed = [*found.committed, info]
-        self._delete(self._doomed(committed))
-        if self.export_best and self._is_best(info, committed):
-            self._export(tree, info)
-        return info
+        if name in found.corrupt:
+            raise CheckpointExists(commit.unreadable_manifest_message(self.storage, name))
+        newest = found.committed[-1] if found.committed else None
+        if newest is not None and step < newest.step and not allow_older:
+            raise ConfigError(
+                f"step {step} is older than the newest checkpoint under {self.root} (step {newest.step}): retention "
+                f"would treat it as old and restore() would resume from step {newest.step}. A new run needs a new "
+                "root; after a rollback, delete the newer checkpoints first, or pass allow_older=True to keep both"
+            )
+
+    def _reconcile_export(self, committed: list[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]]) -> bool:
+        """Bring the best-model export up to date; False (retention waits) if that failed."""
+        if self._export is None:
+            return True
+        try:
+            self._export.reconcile(committed, fresh)
+        except CkptStoreError as err:
+            log.warning("could not update the best-model export %s (%s); no checkpoint is pruned until it is",
+                        self.storage.url(self._export.file), err)
+            return False
+        return True
 
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
-        """Apply the retention policy to what is stored now; return what was (or would be) deleted."""
+        """Apply the retention policy to what is stored now; return what was (or would be) deleted.
+
+        The best-model export is brought up to date first, so no checkpoint it needs is lost.
+        """
         found = commit.scan(self.storage)
         doomed = self._doomed(found.committed)
         if not dry_run:
-            commit.clean_abandoned(self.storage, found, self.abandoned_after)
+            if self._export is not None:
+                self._export.reconcile(found.committed)
+            cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
             self._delete(doomed)
         return doomed
 
@@ -174,23 +220,41 @@ class CheckpointManager:
         """
         found = commit.scan(self.storage)
         now = time.time()
-        reasons = {f: f"unfinished save (no manifest), idle {now - mtime:.0f}s" for f, mtime in found.abandoned.items()}
-        reasons.update({f: "unreadable manifest; left for you to inspect" for f in found.corrupt})
+        reasons = {
+            f: "being removed as an abandoned save" if left.tombstone else f"unfinished save (no manifest), idle {now - left.mtime:.0f}s"
+            for f, left in found.abandoned.items()
+        }
+        reasons.update({f: "unreadable manifest; left for you to inspect (CheckpointManager.delete removes it)" for f in found.corrupt})
         return dict(sorted(reasons.items()))
 
-    def _doomed(self, committed: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        keep = retention.to_keep(committed, self.policy)
+    def _doomed(self, committed: list[CheckpointInfo], protect: str | None = None) -> list[CheckpointInfo]:
+        keep = retention.to_keep(committed, self.policy) | {protect}
         return [i for i in committed if i.name not in keep]
 
     def _delete(self, doomed: list[CheckpointInfo]) -> None:
         for info in doomed:
-            commit.delete_checkpoint(self.storage, info.name)
+            commit.delete_checkpoint(self.storage, info)
             log.info("pruned %s", info.url)
 
-    def delete(self, which: Which) -> CheckpointInfo:
-        """Delete one committed checkpoint (by step or name); return what it was."""
-        info = self._find(which, self.checkpoints())
-        commit.delete_checkpoint(self.storage, info.name)
+    def delete(self, which: Which) -> CheckpointInfo | None:
+        """Delete one checkpoint (by step or name); return what it was.
+
+        Also removes a folder whose manifest is unreadable (named, or by its step's default
+        name); that returns None, as there is no readable description of it.
+
+        Example:
+            >>> mgr = CheckpointManager("memory://doc/delete")
+            >>> mgr.delete(mgr.save({"x": 1}, step=1).step).step
+            1
+        """
+        found = commit.scan(self.storage)
+        folder = which if isinstance(which, str) else f"step_{which:08d}" if isinstance(which, int) else None
+        if folder in found.corrupt and not any(i.name == folder or i.step == which for i in found.committed):
+            commit.delete_unreadable(self.storage, folder, found.corrupt[folder])
+            log.info("deleted %s (unreadable manifest)", self.storage.url(folder))
+            return None
+        info = self._find(which, found.committed)
+        commit.delete_checkpoint(self.storage, info)
         return info
 
     # -- restoring ------------------------------------------------------------------------
@@ -301,20 +365,3 @@ class CheckpointManager:
         """Checkpoints with a finite ``monitor`` value, best first ([] without a monitor)."""
         monitor = self.policy.monitor
         return retention.ranked_best(infos, monitor, self.policy.mode) if monitor else []
-
-    def _is_best(self, info: CheckpointInfo, committed: list[CheckpointInfo]) -> bool:
-        ranked = self._ranked(committed)
-        return bool(ranked) and ranked[0].name == info.name
-
-    def _export(self, tree: dict[str, Any], info: CheckpointInfo) -> None:
-        weights = tree.get(self.export_key)
-        if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
-            raise ConfigError(
-                f"export_best exports state[{self.export_key!r}], which must be a module or a dict of tensors; "
-                "set export_key to your model's entry"
-            )
-        assert self.export_best is not None
-        fmt = format_for_path(self.export_best)
-        with self.storage.open_write(self.export_best) as raw:
-            fmt.write_plain(weights, ChecksumWriter(raw))
-        log.info("exported best (%s, step %d) to %s", self.policy.monitor, info.step, self.storage.url(self.export_best))

@@ -18,6 +18,9 @@ from .errors import CorruptCheckpointError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+# Written create-only in place of a manifest by a process that removes an abandoned save:
+# it stops a late writer from committing into a folder whose data is being deleted.
+TOMBSTONE = b'{"ckptstore": "tombstone", "reason": "an abandoned save is being removed"}\n'
 
 
 @dataclass(frozen=True)

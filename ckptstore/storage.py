@@ -17,6 +17,10 @@ Decisions:
 * **Create-only writes** (``write_new``) are the commit primitive. Local disks use
   ``os.link`` of an fsynced temp file (fails if the name exists, atomically). s3fs sends
   ``If-None-Match: *``; other stores fall back to fsspec's check-then-write.
+* **Exact keys, never patterns.** fsspec's bulk ``cat`` and ``rm`` expand ``[``, ``]``, ``*``
+  and ``?`` as globs, so a root like ``runs/exp[1]`` would read or delete a sibling
+  ``runs/exp1``. Only per-key calls are used (``cat_ranges``, ``rm_file``, ``cat_file``), and
+  there is no recursive delete: callers delete exactly the files they listed.
 * **Errors** from the store become :class:`StorageError` (or :class:`CheckpointNotFound` for
   a missing object) with the URL and a hint, raised ``from`` the original.
 """
@@ -27,6 +31,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import uuid
 from datetime import datetime
 from collections.abc import Iterator, Sequence
@@ -39,6 +44,8 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
+# The temp files of local atomic writes: ".<final name>.<12 hex>.tmp", in the final file's folder.
+TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -205,18 +212,23 @@ class FsspecStorage:
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Read several whole small files, concurrently where the store can.
 
-        Files that are gone by the time they are read (deleted since a listing named them,
-        say by another process's prune) are left out of the result.
+        Each path is an exact key: fsspec's bulk ``cat`` would expand ``[``, ``*`` and ``?``
+        in a root such as ``runs/exp[1]`` as glob patterns, so this reads through
+        ``cat_ranges``, which never does. Files that are gone by the time they are read
+        (deleted since a listing named them, say by another process's prune) are left out.
         """
         if not paths:
             return {}
-        full = {self._full(p): p for p in paths}
+        found: dict[str, bytes] = {}
         with self._errors("read", paths[0]):
-            data = self.fs.cat(list(full), on_error="return")
-            for value in data.values():
-                if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+            data = self.fs.cat_ranges([self._full(p) for p in paths], None, None, on_error="return")
+            for path, value in zip(paths, data):
+                if isinstance(value, FileNotFoundError):
+                    continue
+                if isinstance(value, Exception):
                     raise value
-        return {full[k]: bytes(v) for k, v in data.items() if not isinstance(v, Exception)}
+                found[path] = bytes(value)
+        return found
 
     # -- writes ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -260,11 +272,22 @@ class FsspecStorage:
                 self.fs.pipe_file(full, data, mode="create")
 
     def delete(self, path: str) -> None:
-        """Delete the file or folder ``path`` (recursively); absent paths are fine."""
+        """Delete the one file ``path``, an exact key (never a pattern); absent files are fine.
+
+        There is deliberately no recursive delete: a folder may gain files (a manifest, say)
+        between the listing that named its files and the delete, so callers delete exactly
+        what they listed.
+        """
         full = self._full(path)
         with self._errors("delete", path), contextlib.suppress(FileNotFoundError):
-            self.fs.rm(full, recursive=True)
-            self.fs.invalidate_cache(full)
+            self.fs.rm_file(full)
+        self.fs.invalidate_cache(full)
+
+    def remove_folder(self, path: str) -> None:
+        """Remove the folder ``path`` if it is empty (object stores have no folders to remove)."""
+        if self.is_local or isinstance(self.fs, MemoryFileSystem):
+            with contextlib.suppress(OSError):  # not empty (a writer is using it) or already gone
+                self.fs.rmdir(self._full(path))
 
     def check_bucket(self) -> None:
         """Raise StorageError now if the root's bucket is missing (stores with buckets only)."""
@@ -286,7 +309,7 @@ class FsspecStorage:
         """Create the root folder on a local disk (object stores have no folders)."""
         if self.is_local:
             with self._errors("write", ""):
-                os.makedirs(self.root, exist_ok=True)
+                _make_folder(self.root)
 
     # -- errors ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -351,7 +374,7 @@ def _mtime(info: dict[str, Any]) -> float:
 def _local_atomic_file(final_path: str) -> Iterator[IO[bytes]]:
     """Write a same-folder temp file, fsync it, rename it into place, fsync the folder."""
     folder = os.path.dirname(final_path)
-    os.makedirs(folder, exist_ok=True)
+    _make_folder(folder)
     tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -369,7 +392,7 @@ def _local_atomic_file(final_path: str) -> Iterator[IO[bytes]]:
 def _local_create_only(final_path: str, data: bytes) -> None:
     """Atomically create ``final_path``; ``os.link`` refuses an existing name."""
     folder = os.path.dirname(final_path)
-    os.makedirs(folder, exist_ok=True)
+    _make_folder(folder)
     tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -381,6 +404,22 @@ def _local_create_only(final_path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     _fsync_dir(folder)
+
+
+def _make_folder(folder: str) -> None:
+    """Create ``folder`` and its missing parents, each made durable by an fsync of its parent.
+
+    Without the parent's fsync a crash can forget a new checkpoint folder, and with it the
+    files that were fsynced inside it.
+    """
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(os.path.dirname(created))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -79,7 +79,7 @@ def test_sigkill_mid_save_never_exposes_a_partial_checkpoint(process_store, fmt)
     eager = CheckpointManager(store.url, storage_options=store.storage_options, abandoned_after=0)
     eager.save({"w": torch.zeros(1), "step": -1}, step=10_001)  # idle long enough: cleaned
     found = commit.scan(mgr.storage)
-    assert found.abandoned == {} and found.stray == []
+    assert found.abandoned == {} and found.stray == {}
     assert set(fresh) <= {f"step_{s:08d}" for s in range(10_000)}
 
 

@@ -1,0 +1,129 @@
+"""The best-model export: one stock-loadable weights file beside the checkpoints, with a record.
+
+``export_best="model_best.safetensors"`` keeps ``<root>/model_best.safetensors`` holding the
+weights (``state[export_key]``) of the best checkpoint *ever committed* under the root by
+``monitor``, whatever retention has deleted since. Beside it, ``model_best.safetensors.json``
+records which checkpoint the file holds, that checkpoint's metric, and the file's size and
+CRC32C.
+
+The export is a copy of a committed checkpoint, so it is reconciled rather than trusted:
+every save (after its commit, before retention) and every prune compares the record with the
+best stored checkpoint, and rewrites the export when a stored checkpoint is strictly better
+than the record, or when the file does not match its record. A kill or an error during the
+export therefore costs one rewrite on the next save, never a stale export; and a worse model
+never replaces a better one that retention has pruned, since the record keeps its metric.
+The weights file is written first and the record last, each atomically.
+
+Repairing from a stored checkpoint reads that checkpoint whole (the rare path); the export of
+the checkpoint just saved uses the state in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import commit, retention
+from .errors import CheckpointNotFound, ConfigError
+from .manifest import CheckpointInfo
+from .serializers import ChecksumWriter, format_for_path
+from .storage import FsspecStorage
+
+log = logging.getLogger("ckptstore")
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """Which checkpoint the export file holds, by what metric, and the file's size and CRC32C."""
+
+    file: str
+    checkpoint: str
+    step: int
+    monitor: str
+    mode: str
+    value: float
+    size: int
+    crc32c: int
+
+
+def weights_to_export(tree: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
+    """``tree[key]`` as a flat dict of tensors, or a ConfigError (checked before any write).
+
+    Example:
+        >>> sorted(weights_to_export({"model": {"w": torch.ones(1)}}, "model"))
+        ['w']
+    """
+    weights = tree.get(key)
+    if not (isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        raise ConfigError(
+            f"export_best exports state[{key!r}], which must be a module or a dict of tensors "
+            f"(the state's entries: {sorted(tree)}); set export_key to your model's entry"
+        )
+    return weights
+
+
+class BestExport:
+    """Keeps ``file`` under the root holding the best weights ever committed (see the module doc)."""
+
+    def __init__(self, storage: FsspecStorage, file: str, key: str, monitor: str, mode: str) -> None:
+        self.storage, self.file, self.key, self.monitor, self.mode = storage, file, key, monitor, mode
+        self.record_file = f"{file}.json"
+
+    def record(self) -> ExportRecord | None:
+        """The record, or None when it is absent, unreadable, or about another file or metric."""
+        try:
+            doc = json.loads(self.storage.read(self.record_file))
+            record = ExportRecord(**doc)
+        except CheckpointNotFound:
+            return None
+        except (ValueError, TypeError) as err:
+            log.warning("ignoring the unreadable export record %s: %s", self.storage.url(self.record_file), err)
+            return None
+        if (record.file, record.monitor, record.mode) != (self.file, self.monitor, self.mode):
+            return None
+        return record
+
+    def reconcile(self, committed: Sequence[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]] | None = None) -> None:
+        """Rewrite the export if a stored checkpoint beats its record or the file is not its record's.
+
+        ``fresh``: the checkpoint just saved and its state, exported from memory if it is the best.
+        """
+        ranked = retention.ranked_best(committed, self.monitor, self.mode)
+        if not ranked:
+            return
+        top = ranked[0]
+        record = self.record()
+        if record is not None:
+            value = top.metric(self.monitor)
+            assert value is not None  # ranked_best keeps finite metrics only
+            beaten = value < record.value if self.mode == "min" else value > record.value
+            if not beaten and self._matches(record):
+                return
+            if not beaten and record.value != value:  # the record's better checkpoint is pruned
+                log.warning("the export %s no longer matches its record and %s (%s=%s) is gone; exporting the best "
+                            "stored checkpoint, %s", self.storage.url(self.file), record.checkpoint, self.monitor,
+                            record.value, top.name)
+        tree = fresh[1] if fresh is not None and fresh[0].name == top.name else commit.read_checkpoint(self.storage, top)
+        self._write(top, weights_to_export(tree, self.key))
+
+    def _matches(self, record: ExportRecord) -> bool:
+        try:
+            return self.storage.size(self.file) == record.size
+        except CheckpointNotFound:
+            return False
+
+    def _write(self, info: CheckpointInfo, weights: dict[str, torch.Tensor]) -> None:
+        with self.storage.open_write(self.file) as raw:
+            out = ChecksumWriter(raw)
+            format_for_path(self.file).write_plain(weights, out)
+        value = info.metric(self.monitor)
+        assert value is not None
+        record = ExportRecord(self.file, info.name, info.step, self.monitor, self.mode, value, out.size, out.crc)
+        with self.storage.open_write(self.record_file) as f:
+            f.write(json.dumps(asdict(record), indent=1).encode())
+        log.info("exported best (%s=%s, step %d) to %s", self.monitor, value, info.step, self.storage.url(self.file))
