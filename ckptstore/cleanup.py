@@ -15,6 +15,8 @@ job still flushing). They look the same, so removal rests on three rules:
   in place of its manifest, create-only. If the writer committed first, the claim fails and
   nothing is deleted; if the claim wins, the writer's manifest write is refused and its save
   raises. Either way no committed manifest ever loses its data, whatever the clocks say.
+  (The claim is preceded by a plain existence check, which narrows the window on stores whose
+  create-only write is check-then-write, such as the GCS emulator.)
 * **Exact keys.** Only the files listed are deleted, one by one, the tombstone last; never a
   recursive delete of a folder that may have gained files since it was listed.
 
@@ -92,6 +94,8 @@ def _remove_save(storage: FsspecStorage, folder: str, leftover: Leftover) -> boo
     """Claim ``folder`` with a tombstone, delete the files listed, then the tombstone."""
     manifest = f"{folder}/{MANIFEST_NAME}"
     if not leftover.tombstone:
+        if storage.exists(manifest):  # committed since the listing; also guards stores whose create-only is not
+            return False
         try:
             storage.write_new(manifest, TOMBSTONE)
         except FileExistsError:

@@ -185,7 +185,8 @@ def _progress(desc: str, total: int | None = None) -> Iterator[Callable[[int], N
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=args.monitor,
-                            mode=args.mode, storage_options=_storage_options(args.storage_option))
+                            mode=args.mode, abandoned_after=args.abandoned_after,
+                            storage_options=_storage_options(args.storage_option))
     doomed = mgr.prune(dry_run=not args.yes)
     if args.json:
         rows = [{"name": i.name, "step": i.step, "size": i.size} for i in doomed]
@@ -196,6 +197,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"{verb} {info.name} (step {info.step}, {info.size:,} bytes)")
     if not args.yes and doomed:
         print("dry run: pass --yes to delete")
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    mgr = CheckpointManager(args.root, storage_options=_storage_options(args.storage_option))
+    which: int | str = int(args.which) if args.which.isdigit() else args.which
+    info = mgr.delete(which)
+    print(f"deleted {mgr.storage.url(info.name) if info else args.which}" + ("" if info else " (it had an unreadable manifest)"))
     return 0
 
 
@@ -261,8 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-best", type=int, default=0)
     prune.add_argument("--monitor")
     prune.add_argument("--mode", choices=["min", "max"], default="min")
+    prune.add_argument("--abandoned-after", type=float, default=600.0, metavar="SECONDS",
+                       help="also remove unfinished saves idle this long (0: now; a save still running elsewhere then fails)")
     prune.add_argument("--yes", action="store_true", help="really delete")
     prune.set_defaults(func=_cmd_prune)
+
+    delete = add("delete", "delete one checkpoint (by step or name), also one whose manifest is unreadable",
+                 "ckptstore delete ./runs/exp1 step_00000005")
+    delete.add_argument("root")
+    delete.add_argument("which", help="a step number or a checkpoint name")
+    delete.set_defaults(func=_cmd_delete)
 
     bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",
                 "ckptstore bench suite --quick   (or: save-memory, load; see benchmarks/README.md)")

@@ -23,6 +23,8 @@ from torch import nn
 from .manager import CheckpointManager
 from .rng import RNGState
 
+EXPORT = "model_best.safetensors"
+
 
 def build(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     """The demo's model, optimizer and scheduler, initialised from ``seed``."""
@@ -46,7 +48,7 @@ def train(root: str, epochs: int, storage_options: dict[str, Any] | None = None,
     """Train ``epochs`` epochs, resuming from ``root`` if it holds a checkpoint."""
     model, opt, sched = build()
     mgr = CheckpointManager(root, keep_last=2, keep_best=1, monitor="val_loss", format=fmt,
-                            storage_options=storage_options, export_best="model_best.safetensors")
+                            storage_options=storage_options, export_best=EXPORT)
     state: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": sched, "rng": RNGState()}
     values = mgr.restore(state)
     start, losses = (0, []) if values is None else (values["epoch"] + 1, values["loss_train"])
@@ -79,6 +81,8 @@ def run(root: str = "./runs/demo", epochs: int = 8, preempt_after: int = 3,
         mgr = CheckpointManager(root, storage_options=storage_options)
         for info in mgr.checkpoints():
             mgr.delete(info.name)
+        for name in (EXPORT, f"{EXPORT}.json"):  # its record keeps the best metric ever seen here
+            mgr.storage.delete(name)
     CheckpointManager(root, storage_options=storage_options).storage.makedirs()  # fail here, not in the child
     print(f"== training to {root}, preempted after epoch {preempt_after}")
     worker = _spawn(root, epochs, storage_options, epoch_seconds=1.0)

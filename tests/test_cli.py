@@ -111,7 +111,7 @@ def test_every_command_has_help_with_an_example():
     from ckptstore.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"ls", "inspect", "verify", "convert", "prune", "bench", "demo"}
+    assert set(commands) == {"ls", "inspect", "verify", "convert", "prune", "delete", "bench", "demo"}
     for name in commands:
         out = run(name, "--help")
         assert out.returncode == 0 and "example: ckptstore " + name in out.stdout, name

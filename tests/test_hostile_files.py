@@ -27,7 +27,7 @@ def load_bytes(data: bytes, name: str = "f.safetensors", **kwargs):
     try:
         return ckptstore.load(storage.url(name), **kwargs)
     finally:
-        storage.delete("")
+        storage.fs.rm(storage.root, recursive=True)
 
 
 def header_file(doc: dict, data: bytes = b"", length: int | None = None) -> bytes:

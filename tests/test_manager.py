@@ -141,6 +141,21 @@ def test_existing_step_is_refused_and_nothing_is_lost(store):
     assert mgr.restore() == {"x": 1}
 
 
+def test_a_save_older_than_the_newest_is_refused_unless_allowed(store):
+    """With 100 and 200 stored and keep_last=2, step 5 used to be saved and then deleted by the same save."""
+    mgr = manager(store, keep_last=2)
+    for step in (100, 200):
+        mgr.save({"x": step}, step=step)
+    with pytest.raises(ConfigError, match=r"step 5 is older than the newest checkpoint .*\(step 200\).*allow_older=True"):
+        mgr.save({"x": 5}, step=5)
+    assert [c.step for c in mgr.checkpoints()] == [100, 200] and mgr.uncommitted() == {}
+    info = mgr.save({"x": 5}, step=5, allow_older=True)  # a rollback, on purpose: kept by this save
+    assert [c.step for c in mgr.checkpoints()] == [5, 100, 200]
+    assert mgr.restore(which=info.step) == {"x": 5}
+    mgr.save({"x": 300}, step=300)  # later saves apply the policy to it as to any other
+    assert [c.step for c in mgr.checkpoints()] == [200, 300]
+
+
 GCS_EMULATOR = "gcp-storage-emulator ignores ifGenerationMatch=0, so create-only writes overwrite; real GCS refuses them"
 
 

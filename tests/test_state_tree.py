@@ -31,7 +31,7 @@ def roundtrip(value, fmt_name):
         fmt.write(treelib.canonicalize(value), out)
     tree = fmt.read(Source(storage, "f", out.size), None, True, out.crc)
     data = storage.read("f")
-    storage.delete("")
+    storage.fs.rm(storage.root, recursive=True)
     return treelib.decanonicalize(tree), data
 
 

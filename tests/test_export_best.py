@@ -1,0 +1,118 @@
+"""``export_best``: the best weights ever committed, recorded, repaired after a failure or a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from ckptstore import CheckpointManager, ConfigError, StorageError
+from ckptstore.storage import open_storage
+
+EXPORT = "model_best.safetensors"
+
+
+def manager(store, **kwargs):
+    kwargs = {"keep_last": 1, "monitor": "val_loss", "export_best": EXPORT, **kwargs}
+    return CheckpointManager(store.url, storage_options=store.storage_options, **kwargs)
+
+
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((8,), float(step))}, "step": step}
+
+
+def exported(store) -> tuple[float, dict]:
+    """The exported weights' step (all values equal it) and the record."""
+    storage = open_storage(store.url, store.storage_options)
+    weights = load_safetensors(storage.read(EXPORT))
+    record = json.loads(storage.read(f"{EXPORT}.json"))
+    assert weights["w"].unique().numel() == 1
+    return weights["w"][0].item(), record
+
+
+def test_the_export_holds_the_best_ever_even_after_retention_pruned_it(store):
+    """keep_best=0: losses 0.10, 0.50, 0.60, 0.40 must end with the 0.10 model exported."""
+    mgr = manager(store)
+    for step, loss in enumerate([0.10, 0.50, 0.60, 0.40]):
+        mgr.save(state(step), step=step, metrics={"val_loss": loss})
+    assert [c.step for c in mgr.checkpoints()] == [3]  # step 0 is long gone
+    step, record = exported(store)
+    assert step == 0 and (record["checkpoint"], record["value"], record["monitor"]) == ("step_00000000", 0.10, "val_loss")
+    mgr.save(state(4), step=4, metrics={"val_loss": 0.05})
+    assert exported(store)[0] == 4
+
+
+def test_a_failed_export_is_repaired_by_the_next_save_and_nothing_is_pruned_meanwhile(store, caplog):
+    mgr = manager(store)
+    mgr.save(state(0), step=0, metrics={"val_loss": 0.5})
+    real = mgr.storage.open_write
+
+    def refuse_the_export(path, *args, **kwargs):
+        if path == EXPORT:
+            raise StorageError(f"cannot write {path}: the connection was reset")
+        return real(path, *args, **kwargs)
+
+    mgr.storage.open_write = refuse_the_export
+    info = mgr.save(state(1), step=1, metrics={"val_loss": 0.1})  # committed: the save itself succeeded
+    assert "could not update the best-model export" in caplog.text
+    assert exported(store)[0] == 0  # stale...
+    assert [c.step for c in mgr.checkpoints()] == [0, 1]  # ...so retention waited: step 1 is not lost
+    mgr.storage.open_write = real
+    mgr.save(state(2), step=2, metrics={"val_loss": 0.9})  # not a new best: it still repairs the export
+    step, record = exported(store)
+    assert step == 1 and record["checkpoint"] == info.name
+    assert [c.step for c in mgr.checkpoints()] == [2]
+
+
+def test_prune_repairs_a_stale_export_before_deleting(store):
+    mgr = manager(store, keep_last=None)
+    mgr.save(state(0), step=0, metrics={"val_loss": 0.5})
+    no_export = CheckpointManager(store.url, storage_options=store.storage_options, monitor="val_loss")
+    no_export.save(state(1), step=1, metrics={"val_loss": 0.1})  # a job that did not export
+    assert exported(store)[0] == 0
+    manager(store).prune()
+    assert exported(store)[0] == 1
+
+
+KILLED_DURING_EXPORT = textwrap.dedent(
+    """
+    import json, os, signal, sys, torch
+    from ckptstore import CheckpointManager
+    args = json.loads(sys.argv[1])
+    mgr = CheckpointManager(args["root"], storage_options=args["options"], keep_last=1, monitor="val_loss",
+                            export_best="model_best.safetensors")
+    mgr.save({"model": {"w": torch.zeros(8)}}, step=0, metrics={"val_loss": 0.5})
+    real = mgr.storage.open_write
+    def open_write(path, *a, **k):
+        if path == "model_best.safetensors":
+            os.kill(os.getpid(), signal.SIGKILL)  # a spot instance reclaimed mid-export
+        return real(path, *a, **k)
+    mgr.storage.open_write = open_write
+    mgr.save({"model": {"w": torch.ones(8)}}, step=1, metrics={"val_loss": 0.1})
+    """
+)
+
+
+def test_a_kill_during_the_export_is_repaired_by_the_next_save(process_store):
+    store = process_store
+    args = json.dumps({"root": store.url, "options": store.storage_options})
+    proc = subprocess.run([sys.executable, "-c", KILLED_DURING_EXPORT, args], timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert exported(store)[0] == 0  # step 1 committed, the export still holds step 0
+    manager(store).save(state(2), step=2, metrics={"val_loss": 0.7})
+    assert exported(store)[0] == 1
+
+
+def test_export_mistakes_fail_before_anything_is_written(store):
+    with pytest.raises(ConfigError, match="`export_best` needs `monitor`"):
+        CheckpointManager(store.url, storage_options=store.storage_options, export_best=EXPORT)
+    mgr = manager(store, export_key="net")
+    with pytest.raises(ConfigError, match=r"state\['net'\].*entries: \['model', 'step'\]"):
+        mgr.save(state(0), step=0, metrics={"val_loss": 0.5})
+    assert mgr.checkpoints() == [] and mgr.uncommitted() == {}
