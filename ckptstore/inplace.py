@@ -10,48 +10,66 @@ copying them (which holds the state twice in RAM):
 
 1. **Plan** the data file from its header (:func:`ckptstore.partial.plan`) and build the
    saved tree with a marker in place of each tensor.
-2. **Pair** each marker with the live tensor at the same place, walking the tree as
-   :func:`restore_into` does: plain tensors, a module's ``state_dict(keep_vars=True)`` (its
-   parameters and buffers themselves), an optimizer's ``state_dict()["state"]`` (its live
-   per-parameter tensors). Only these two ``state_dict`` implementations are known to alias
-   live memory without side effects, so other Stateful objects (schedulers, RNGState, an
-   overriding subclass) are not asked. A module's or plain tensor's shape mismatch raises
-   :class:`StateMismatchError` here, before any tensor byte is read.
+2. **Check and pair** (:func:`_walk`), before any tensor byte is read: raise
+   :class:`StateMismatchError` wherever torch would refuse the saved tree, and pair each
+   marker with the live tensor it restores: plain tensors, a module's
+   ``state_dict(keep_vars=True)`` (its parameters and buffers themselves), an optimizer's
+   ``state_dict()["state"]``. Only these two ``state_dict`` implementations are known to
+   alias live memory without side effects; other Stateful objects are not asked.
 3. **Land** each saved tensor's bytes straight in its live partner when they fit as they
    are: same shape and dtype, contiguous on both sides, and no other saved tensor restores
    into overlapping memory (then the order of ``load_state_dict``'s copies would decide the
    result). Every other saved tensor is read into a new tensor and placed by
-   ``map_location``, as before. Live tensors keep their device, as ``copy_`` keeps it.
-4. **Apply** the saved tree, now holding those live tensors themselves, with
-   :func:`restore_into`: ``load_state_dict`` runs exactly as before (a ``copy_`` of a tensor
-   onto itself is a no-op), with its hooks, key checks and optimizer casts.
+   ``map_location``. Live tensors keep their device, as ``copy_`` keeps it.
+4. **Apply** the saved tree, now holding those live tensors themselves: ``load_state_dict``
+   runs as before (a ``copy_`` of a tensor onto itself is a no-op).
 
-Integrity. No live byte changes before the checksum passes. Local files get their CRC32C
-pass first (the bytes are then in the page cache, so landing them costs a memory read, not
-a second disk read). Remote files are downloaded once to a local temporary file, checksummed
-on the way (bounded memory; it needs local disk space for one checkpoint), and restored from
-there. (A first version checked remote bytes while they streamed into the live tensors; on
-damage, a "latest" fallback left the tensors that the older checkpoint lacks holding bad
-bytes.)
+All or nothing: a restore that fails changes nothing, although ``load_state_dict`` itself is
+not atomic (a module copies the keys that fit, then raises for the others). Two means, by cost:
 
-Modules whose loading is not torch's key-for-key copy (load or state_dict hooks anywhere in
-the tree, ``_load_from_state_dict`` defined outside ``torch.nn``, an overridden
-``state_dict``/``load_state_dict``) get their tensors as new ones, as before: a hook may route
-saved tensor X into parameter Y, which bytes landed early by key would corrupt.
+* **Checked up front, at no memory cost:** whatever torch's own code loads: plain tensors,
+  modules that load key for key (:func:`_loads_key_for_key`), optimizers without overrides
+  or hooks. Step 2 checks what torch checks (strict key sets, shapes, a tensor for each key,
+  parameter group count and sizes), and torch zip member headers are checked while the new
+  tensors are read, so nothing that can fail on a checked file is left once bytes land.
+* **Undone, at the cost of what is at risk:** every other Stateful runs code no check can
+  predict (schedulers, :class:`RNGState`, a user's object, a module with load hooks). They
+  are loaded first, before any byte lands, each after a snapshot of its ``state_dict()``; if
+  anything fails, each gets its snapshot back by ``load_state_dict`` (the round trip every
+  Stateful supports), and its own error is raised as StateMismatchError naming the entry.
+  A snapshot costs that object's state (a module's size for a hooked module); an undo of the
+  landed tensors would cost a second model, which is why those are checked instead. Such
+  objects see the model still holding its old values while they load; saved tensors they
+  share with it are read into new memory for them.
 
-Where the header cannot be planned (a torch file whose ``data.pkl`` holds more than the
-planner's restricted unpickler accepts) or a callable ``map_location`` must see torch's own
-storages, the whole file is read as before and :func:`restore_into` copies it.
+Integrity. No live byte changes before the checksum passes. The data file is opened once, and
+that descriptor serves the checksum pass and every tensor read: a file deleted (pruned by
+another process) once it is open and planned still restores whole, one deleted earlier raises
+:class:`CorruptCheckpointError` (so "latest" falls back). Local files get their CRC32C pass
+first (landing then reads the page cache). Remote files are downloaded once to a local
+temporary file, checksummed on the way, and restored from there; an object deleted during the
+download is unusable likewise. (Checking remote bytes while they streamed into the live
+tensors let a "latest" fallback leave bad bytes in the tensors the older checkpoint lacks.)
+
+Modules whose loading is not torch's key-for-key copy (load or state_dict hooks, extra state,
+``_load_from_state_dict`` defined outside ``torch.nn``, an overridden ``state_dict`` or
+``load_state_dict``) get their tensors as new ones: a hook may route saved tensor X into
+parameter Y, which bytes landed early by key would corrupt. Where the header cannot be planned
+(a torch ``data.pkl`` beyond the planner's restricted unpickler) or a callable ``map_location``
+must see torch's own storages, the whole file is read and :func:`restore_into` copies it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -60,7 +78,7 @@ from . import commit
 from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
-from .serializers import MapLocation, Source, place, read_checked
+from .serializers import CHUNK_BYTES, ChecksumReader, MapLocation, Source, check_crc, get_format, place, read_checked
 from .storage import FsspecStorage, open_storage
 from .transfer import SourceTensor, Transfer, byte_view, landable, scratch, shaped
 from .tree import decanonicalize, is_stateful
@@ -69,11 +87,15 @@ log = logging.getLogger("ckptstore")
 
 
 def restore_into(target: dict[str, Any] | None, loaded: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``target`` from ``loaded`` in place; return the values that were not consumed.
+    """Fill ``target`` from ``loaded`` in place, all or nothing; return the values that were not consumed.
 
     Returned: every saved entry except Stateful objects restored in place (plain values
     such as ``epoch``, nested containers with their tensors restored, and saved entries that
     ``target`` did not ask for).
+
+    Raises:
+        StateMismatchError: a saved value does not fit its live counterpart, or a Stateful's
+            ``load_state_dict`` raised; nothing in ``target`` changed (see the module doc).
 
     Example:
         >>> w = torch.zeros(2)
@@ -82,37 +104,10 @@ def restore_into(target: dict[str, Any] | None, loaded: dict[str, Any]) -> dict[
         >>> w
         tensor([1., 1.])
     """
-    values: dict[str, Any] = {}
-    for key, saved in loaded.items():
-        live = target.get(key) if target is not None else None
-        if isinstance(live, torch.Tensor) or is_stateful(live):
-            _fill(live, saved, repr(key))
-        else:
-            values[key] = _fill(live, saved, repr(key))
+    steps = _Steps()
+    values = _walk_entries(target, loaded, steps)
+    _apply(steps, lambda: None)
     return values
-
-
-def _fill(live: Any, saved: Any, path: str) -> Any:
-    """Restore ``saved`` into ``live`` where possible; return the value as the caller sees it."""
-    if isinstance(live, torch.Tensor):
-        if not isinstance(saved, torch.Tensor):
-            raise StateMismatchError(f"state[{path}] is a tensor but the checkpoint holds a {type(saved).__name__}")
-        if live.shape != saved.shape:
-            raise StateMismatchError(
-                f"state[{path}] has shape {tuple(live.shape)}, the checkpoint {tuple(saved.shape)}; "
-                "use load_partial to load only matching tensors"
-            )
-        with torch.no_grad():
-            live.copy_(saved)
-        return live
-    if is_stateful(live):
-        live.load_state_dict(decanonicalize(saved))
-        return live
-    if isinstance(live, dict) and isinstance(saved, dict):
-        return type(saved)((k, _fill(live.get(k), v, f"{path}][{k!r}")) for k, v in saved.items())
-    if isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
-        return [_fill(a, b, f"{path}][{i}") for i, (a, b) in enumerate(zip(live, saved))]
-    return decanonicalize(saved)
 
 
 def restore_checkpoint(
@@ -124,37 +119,50 @@ def restore_checkpoint(
 
     Returns what :func:`restore_into` returns, and a report: ``loaded`` lists the saved keys
     that landed in live memory; ``bytes_read``/``requests`` count the reads of the data file
-    (0 where it was read whole, see the module doc).
+    (0 where it was read whole, see the module doc). On any error nothing in ``target`` changed.
 
     Raises:
-        CorruptCheckpointError: the data file is missing, resized, damaged or fails its CRC32C.
-        StateMismatchError: a live tensor's shape differs from the saved one.
+        CorruptCheckpointError: the data file is missing, resized, damaged, fails its CRC32C,
+            or was deleted before the restore could open and plan it.
+        StateMismatchError: a saved value does not fit the live one, or a Stateful refused it.
     """
     path, entry = commit.data_file(storage, info)
-    if verify and storage.local_path(path) is None:  # remote: a checked local copy first
-        with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:
-            name = posixpath.basename(path)
-            with open(os.path.join(folder, name), "wb") as copy:
-                read_checked(Source(storage, path, entry.size), entry.crc32c, copy_to=copy)
-            return _restore(open_storage(folder), name, storage, info, target, map_location, weights_only, verify, max_buffer)
-    if verify:
-        commit.verify_file(storage, path, entry)
-    return _restore(storage, path, storage, info, target, map_location, weights_only, verify, max_buffer)
+    crc = entry.crc32c if verify else None
+    local = storage.local_path(path)
+    if local is not None:
+        with _vanishing(storage.url(path)):
+            f = open(local, "rb")  # noqa: SIM115 - the one descriptor of this restore, closed below
+        with f:
+            return _restore(storage, path, f, crc, info, target, map_location, weights_only, max_buffer)
+    with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:  # remote: a checked local copy first
+        name = posixpath.basename(path)
+        with open(os.path.join(folder, name), "w+b") as copy_file:
+            with _vanishing(storage.url(path)):
+                read_checked(Source(storage, path, entry.size), crc, copy_to=copy_file)
+            copy_file.flush()
+            return _restore(open_storage(folder), name, copy_file, None, info, target, map_location, weights_only, max_buffer)
 
 
 def _restore(
-    data: FsspecStorage, path: str, storage: FsspecStorage, info: CheckpointInfo, target: dict[str, Any] | None,
-    map_location: MapLocation, weights_only: bool, verify: bool, max_buffer: int,
+    data: FsspecStorage, path: str, f: IO[bytes], crc: int | None, info: CheckpointInfo,
+    target: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, max_buffer: int,
 ) -> tuple[dict[str, Any], LoadReport]:
-    """Restore from the verified data file ``path`` of ``data`` (``storage``/``info``: the checkpoint)."""
+    """Restore from ``data``'s local file ``path``, open as ``f``; its CRC32C is checked through
+    ``f`` unless ``crc`` is None (already checked)."""
+    where, size = data.url(path), info.files[0].size
     report = LoadReport()
-    try:
-        planned: Plan | None = plan(data, path, report, info.files[0].size)
-    except (CorruptCheckpointError, UnsafeCheckpointError) as err:
-        log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
-        planned = None
+    with _vanishing(where):
+        try:
+            planned: Plan | None = plan(data, path, report, size)
+        except (CorruptCheckpointError, UnsafeCheckpointError) as err:
+            log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
+            planned = None
+        _same_file(f, where)  # the header planned is the descriptor's
+    _check_open_file(f, size, crc, where)
     if planned is None or (info.format == "torch" and callable(map_location)):
-        loaded = commit.read_checkpoint(storage, info, map_location=map_location, weights_only=weights_only, verify=verify)
+        with _vanishing(where):
+            loaded = get_format(info.format).read(Source(data, path, size), map_location, weights_only, None)
+            _same_file(f, where)
         return restore_into(target, _checked_dict(loaded, info)), LoadReport()
 
     sources = planned.sources
@@ -164,16 +172,15 @@ def _restore(
         if key not in sources:
             raise CorruptCheckpointError(f"{info.url}: the state refers to tensor {key!r}, which the file lacks")
         needed[key] = None
-        return _Saved(key)
+        return _Saved(key, sources[key].shape)
 
-    markers = _checked_dict(planned.build(mark), info)
-    pairs: list[_Pair] = []
-    _pair(target, markers, "", True, sources, pairs)
-    direct = _destinations(pairs, sources)
+    checks = _Steps()
+    _walk_entries(target, _checked_dict(planned.build(mark), info), checks)  # raises before any byte is read
+    shared = {m.key for _, saved, _ in checks.opaque for m in _markers(saved)}  # loaded before the bytes land
+    direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)
     fresh = {k: scratch(sources[k]) for k in needed if k not in direct}
-    jobs = [(sources[k], byte_view(direct[k]) if k in direct else fresh[k].view(torch.uint8)) for k in needed]
-    Transfer(data, path, max_buffer, report).run(jobs)
-    report.loaded = sorted(direct)
+    transfer = Transfer(data, path, max_buffer, report, fd=f.fileno())
+    transfer.run([(sources[k], t.view(torch.uint8)) for k, t in fresh.items()], check=[sources[k] for k in needed])
     placed: dict[str, torch.Tensor] = {}
 
     def load(key: str, device: str) -> torch.Tensor:
@@ -183,7 +190,44 @@ def _restore(
             placed[key] = place(shaped(sources[key], fresh[key]), device, map_location)
         return placed[key]
 
-    return restore_into(target, planned.build(load)), report
+    steps = _Steps()
+    values = _walk_entries(target, planned.build(load), steps)
+    _apply(steps, lambda: transfer.run([(sources[k], byte_view(t)) for k, t in direct.items()], check=()))
+    report.loaded = sorted(direct)
+    return values, report
+
+
+@contextlib.contextmanager
+def _vanishing(where: str) -> Iterator[None]:
+    """A data file deleted under a restore (a concurrent prune) makes the checkpoint unusable."""
+    try:
+        yield
+    except FileNotFoundError as err:  # CheckpointNotFound too
+        raise CorruptCheckpointError(
+            f"{where} vanished while it was being restored (deleted by a concurrent prune?); nothing was changed"
+        ) from err
+
+
+def _same_file(f: IO[bytes], where: str) -> None:
+    """Raise unless ``f``'s path still names the file open as ``f`` (FileNotFoundError: deleted)."""
+    now, opened = os.stat(f.name), os.fstat(f.fileno())
+    if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+        raise CorruptCheckpointError(f"{where} was replaced while it was being restored; nothing was changed")
+
+
+def _check_open_file(f: IO[bytes], size: int, crc: int | None, where: str) -> None:
+    """Check the open file's size and, unless ``crc`` is None, its CRC32C (one read of it)."""
+    actual = os.fstat(f.fileno()).st_size
+    if actual != size:
+        raise CorruptCheckpointError(f"{where} is {actual} bytes, the manifest says {size} (truncated or replaced)")
+    if crc is None:
+        return
+    f.seek(0)
+    stream = ChecksumReader(f, where)
+    buffer = memoryview(bytearray(max(1, min(CHUNK_BYTES, size))))
+    for start in range(0, size, len(buffer)):
+        stream.readinto(buffer[: min(len(buffer), size - start)])
+    check_crc(stream.crc, crc, where)
 
 
 def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:
@@ -194,9 +238,10 @@ def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Saved:
-    """Stands for the saved tensor ``key`` in the tree while pairing."""
+    """Stands for the saved tensor ``key`` (of ``shape``) in the tree while checking."""
 
     key: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -208,58 +253,196 @@ class _Pair:
     path: str
 
 
-def _pair(live: Any, saved: Any, path: str, checked: bool, sources: dict[str, SourceTensor], out: list[_Pair]) -> None:
-    """Collect the live tensors that restoring ``saved`` into ``live`` writes, as :func:`_fill` would.
+@dataclass
+class _Steps:
+    """What restoring a saved tree does, found by :func:`_walk` before anything changes."""
 
-    ``checked``: a shape mismatch is an error (plain tensors and modules; an optimizer simply
-    adopts the saved tensors).
+    opaque: list[tuple[Any, Any, str]] = field(default_factory=list)  # (Stateful, saved, path): user code, undone
+    checked: list[tuple[Any, Any]] = field(default_factory=list)  # (tensor or torch-loaded Stateful, saved)
+    pairs: list[_Pair] = field(default_factory=list)  # live tensors that saved tensors restore, by key
+
+
+def _walk_entries(target: dict[str, Any] | None, loaded: dict[str, Any], steps: _Steps) -> dict[str, Any]:
+    """:func:`_walk` each saved entry; return the values :func:`restore_into` hands back."""
+    values: dict[str, Any] = {}
+    for key, saved in loaded.items():
+        live = target.get(key) if target is not None else None
+        value = _walk(live, saved, f"[{key!r}]", steps)
+        if not (isinstance(live, torch.Tensor) or is_stateful(live)):
+            values[key] = value
+    return values
+
+
+def _walk(live: Any, saved: Any, path: str, steps: _Steps) -> Any:
+    """Check restoring ``saved`` into ``live``, record its steps; return the value as the caller sees it.
+
+    Raises:
+        StateMismatchError: where torch (or :func:`_apply`'s ``copy_``) would refuse ``saved``.
     """
-    if isinstance(saved, _Saved):
-        if not isinstance(live, torch.Tensor) or is_lazy(live):
-            return  # restore_into explains a type mismatch; lazy modules materialise on load
-        src = sources[saved.key]
-        if checked and live.dim() == 0 and src.shape == (1,):
-            return  # torch loads a one-element tensor into a 0-d parameter; let it
-        if checked and tuple(live.shape) != src.shape:
-            raise StateMismatchError(
-                f"state{path} has shape {tuple(live.shape)}, the checkpoint's {saved.key!r} {src.shape}; "
-                "use load_partial to load only matching tensors"
-            )
-        out.append(_Pair(live, saved.key, path))
-    elif isinstance(live, torch.nn.Module):
-        if _loads_key_for_key(live) and isinstance(saved, dict):
-            for k, t in live.state_dict(keep_vars=True).items():
-                if isinstance(saved.get(k), _Saved):
-                    _pair(t, saved[k], f"{path}[{k!r}]", True, sources, out)
-    elif isinstance(live, torch.optim.Optimizer):
-        if type(live).state_dict is torch.optim.Optimizer.state_dict and isinstance(saved, dict) and "state" in saved:
-            _pair(live.state_dict()["state"], saved["state"], f"{path}['state']", False, sources, out)
+    if isinstance(live, torch.Tensor):
+        _check_tensor(live, saved, path, module=False)
+        _pair(live, saved, path, steps.pairs)
+    elif isinstance(live, torch.nn.Module) and _loads_key_for_key(live):
+        _pair(_check_module(live, saved, path), saved, path, steps.pairs)
+    elif isinstance(live, torch.optim.Optimizer) and _loads_as_torch(live):
+        _check_optimizer(live, saved, path)
+        _pair(live.state_dict()["state"], saved["state"], f"{path}['state']", steps.pairs)
     elif is_stateful(live):
-        return
+        steps.opaque.append((live, saved, path))
+        return live
+    elif isinstance(live, dict) and isinstance(saved, dict):
+        return type(saved)((k, _walk(live.get(k), v, f"{path}[{k!r}]", steps)) for k, v in saved.items())
+    elif isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
+        return [_walk(a, b, f"{path}[{i}]", steps) for i, (a, b) in enumerate(zip(live, saved))]
+    else:
+        return decanonicalize(saved)
+    steps.checked.append((live, saved))
+    return live
+
+
+def _apply(steps: _Steps, land: Callable[[], None]) -> None:
+    """Load the opaque Statefuls (each after a snapshot), ``land`` the bytes, run the checked steps.
+
+    On any error every opaque Stateful loaded so far, the failing one included, gets its
+    snapshot back; a Stateful's own error is raised as StateMismatchError naming it.
+    """
+    undo: list[tuple[Any, Any]] = []
+    try:
+        for live, saved, path in steps.opaque:
+            undo.append((live, copy.deepcopy(live.state_dict())))
+            try:
+                live.load_state_dict(decanonicalize(saved))
+            except Exception as err:
+                raise StateMismatchError(
+                    f"state{path}: {type(live).__name__}.load_state_dict refused the checkpoint "
+                    f"({type(err).__name__}: {err}); nothing was restored"
+                ) from err
+        land()
+        for live, saved in steps.checked:
+            if isinstance(live, torch.Tensor):
+                with torch.no_grad():
+                    live.copy_(saved)
+            else:
+                live.load_state_dict(decanonicalize(saved))
+    except BaseException:
+        for live, snapshot in reversed(undo):
+            live.load_state_dict(snapshot)
+        raise
+
+
+def _check_tensor(live: torch.Tensor, saved: Any, path: str, *, module: bool) -> None:
+    """Raise unless ``saved`` is a tensor of ``live``'s shape (``module``: torch's one-element rule too)."""
+    if not isinstance(saved, (torch.Tensor, _Saved)):
+        raise StateMismatchError(f"state{path} is a tensor but the checkpoint holds a {type(saved).__name__}")
+    shape = tuple(saved.shape)
+    if tuple(live.shape) == shape or (module and live.dim() == 0 and shape == (1,)):
+        return  # torch loads a one-element tensor into a 0-d parameter
+    what = f"the checkpoint's {saved.key!r}" if isinstance(saved, _Saved) else "the checkpoint"
+    raise StateMismatchError(
+        f"state{path} has shape {tuple(live.shape)}, {what} {shape}; use load_partial to load only matching tensors"
+    )
+
+
+def _check_module(module: torch.nn.Module, saved: Any, path: str) -> dict[str, torch.Tensor]:
+    """Raise where a strict ``module.load_state_dict(saved)`` would; return the module's live tensors by key."""
+    if not isinstance(saved, dict):
+        raise StateMismatchError(f"state{path} is a module but the checkpoint holds a {type(saved).__name__}")
+    tensors = module.state_dict(keep_vars=True)
+    missing = [k for k in tensors if k not in saved]
+    unexpected = [k for k in saved if not isinstance(k, str) or _unexpected(module, k)]
+    if missing or unexpected:
+        raise StateMismatchError(
+            f"state{path} ({type(module).__name__}) does not match the checkpoint: missing keys {missing}, "
+            f"unexpected keys {unexpected}; use load_partial to load only matching tensors"
+        )
+    for k, t in tensors.items():
+        _check_tensor(t, saved[k], f"{path}[{k!r}]", module=True)
+    return tensors
+
+
+def _unexpected(module: torch.nn.Module, key: str) -> bool:
+    """True where torch's strict loading calls ``key`` unexpected: its dotted path does not
+    name a child module and then a parameter or persistent buffer (keys under a child that is
+    None are ignored)."""
+    head, dot, rest = key.partition(".")
+    while dot:
+        if head not in module._modules:
+            return True
+        child = module._modules[head]
+        if child is None:
+            return False
+        module, (head, dot, rest) = child, rest.partition(".")
+    buffers = module._buffers
+    return module._parameters.get(head) is None and (buffers.get(head) is None or head in module._non_persistent_buffers_set)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: str) -> None:
+    """Raise where ``optimizer.load_state_dict(saved)`` would: structure, group count and sizes."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise StateMismatchError(f"state{path} is an optimizer but the checkpoint holds no optimizer state_dict")
+    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g["params"]) for g in groups]
+    if live_sizes != saved_sizes:
+        raise StateMismatchError(
+            f"state{path} ({type(optimizer).__name__}) has parameter groups of {live_sizes} parameters, the "
+            f"checkpoint {saved_sizes}; build the optimizer over the same parameters, in the same groups, as the "
+            "run that saved it"
+        )
+
+
+def _pair(live: Any, saved: Any, path: str, out: list[_Pair]) -> None:
+    """Collect the live tensors, alone or in nested dicts, that saved tensors restore by key."""
+    if isinstance(saved, _Saved):
+        if isinstance(live, torch.Tensor) and not is_lazy(live):
+            out.append(_Pair(live, saved.key, path))
     elif isinstance(live, dict) and isinstance(saved, dict):
         for k, v in saved.items():
             if k in live:
-                _pair(live[k], v, f"{path}[{k!r}]", checked, sources, out)
-    elif isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
-        for i, (a, b) in enumerate(zip(live, saved)):
-            _pair(a, b, f"{path}[{i}]", checked, sources, out)
+                _pair(live[k], v, f"{path}[{k!r}]", out)
+
+
+def _markers(tree: Any) -> Iterator[_Saved]:
+    """Every marker in a saved tree (built with markers), depth first."""
+    if isinstance(tree, _Saved):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _markers(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _markers(v)
 
 
 def _loads_key_for_key(module: torch.nn.Module) -> bool:
     """True when ``load_state_dict`` copies each saved key into the parameter of that name:
-    no load or state_dict hooks anywhere in the tree, and no loading logic outside torch.
+    no load or state_dict hooks anywhere in the tree, no extra state, and no loading logic
+    outside torch.
 
     Otherwise a hook or override may route saved tensor X into parameter Y, which bytes
-    landed early by key would corrupt; such modules get their tensors as new ones.
+    landed early by key would corrupt; such modules get their tensors as new ones, and are
+    loaded as user code (see the module doc).
     """
     top = type(module)
     if top.state_dict is not torch.nn.Module.state_dict or top.load_state_dict is not torch.nn.Module.load_state_dict:
         return False
     for m in module.modules():
         hooks = (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks, m._state_dict_hooks, m._state_dict_pre_hooks)
-        if any(hooks) or not type(m)._load_from_state_dict.__module__.startswith("torch.nn."):
+        cls = type(m)
+        if (any(hooks) or not cls._load_from_state_dict.__module__.startswith("torch.nn.")
+                or cls.get_extra_state is not torch.nn.Module.get_extra_state
+                or cls.set_extra_state is not torch.nn.Module.set_extra_state):
             return False
     return True
+
+
+def _loads_as_torch(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the optimizer's ``state_dict``/``load_state_dict`` are torch's, without hooks."""
+    cls, base = type(optimizer), torch.optim.Optimizer
+    hooks = (optimizer._optimizer_state_dict_pre_hooks, optimizer._optimizer_state_dict_post_hooks,
+             optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks)
+    return cls.state_dict is base.state_dict and cls.load_state_dict is base.load_state_dict and not any(hooks)
 
 
 def _destinations(pairs: list[_Pair], sources: dict[str, SourceTensor]) -> dict[str, torch.Tensor]:

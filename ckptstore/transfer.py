@@ -127,20 +127,29 @@ class Transfer:
     Args:
         max_buffer: the most bytes held in flight at once (at least 64 KiB).
         counter: receives the bytes and requests read.
+        fd: an open descriptor of the local file ``name``, read instead of opening it by name
+            for each batch (the caller closes it): the very file the caller checked, even if
+            it is deleted meanwhile.
     """
 
-    def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, counter: ReadCounter) -> None:
+    def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, counter: ReadCounter,
+                 fd: int | None = None) -> None:
         if max_buffer < 2**16:
             raise ConfigError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
-        self.storage, self.name, self.counter = storage, name, counter
+        self.storage, self.name, self.counter, self.fd = storage, name, counter, fd
         self.max_buffer, self.chunk = max_buffer, max(2**16, max_buffer // 4)
         self.local = storage.local_path(name)
         self._staging: list[torch.Tensor] = []
         self._events: list[Any] = []
         self._copies = 0
 
-    def run(self, jobs: Sequence[tuple[SourceTensor, torch.Tensor]]) -> None:
-        """Land each source's bytes ``[start, end)`` in its destination, a flat uint8 tensor of that size."""
+    def run(self, jobs: Sequence[tuple[SourceTensor, torch.Tensor]], check: Sequence[SourceTensor] | None = None) -> None:
+        """Land each source's bytes ``[start, end)`` in its destination, a flat uint8 tensor of that size.
+
+        Torch zips: the local header of each member in ``check`` (default: the jobs' sources)
+        is read with the data and checked after it, raising CorruptCheckpointError if the
+        member's data is not where the plan put it.
+        """
         parts: list[_Part] = []
         for src, dest in jobs:
             if dest.numel() != src.end - src.start:
@@ -149,7 +158,7 @@ class Transfer:
                          for s in range(src.start, src.end, self.chunk))
         # torch zips: each member's local header rides along in the same request as its data
         headers = {src.zip_header: torch.empty(src.zip_header[1] - src.zip_header[0], dtype=torch.uint8)
-                   for src, _ in jobs if src.zip_header is not None}
+                   for src in ([s for s, _ in jobs] if check is None else check) if src.zip_header is not None}
         parts.extend(_Part(start, data, scratch) for (start, data), scratch in headers.items())
         for batch in self._batches(sorted(parts, key=lambda p: p.start)):
             self._fetch(batch)
@@ -192,13 +201,14 @@ class Transfer:
 
     def _fetch(self, batch: list[_Request]) -> None:
         if self.local is not None:
-            fd = os.open(self.local, os.O_RDONLY)
+            fd = os.open(self.local, os.O_RDONLY) if self.fd is None else self.fd
             try:
                 for request in batch:
                     for part in request.parts:
                         self._pread(fd, part)
             finally:
-                os.close(fd)
+                if fd != self.fd:
+                    os.close(fd)
             return
         chunks = self.storage.read_ranges(self.name, [(r.start, r.end) for r in batch])
         self.counter.requests += len(batch)
