@@ -28,7 +28,7 @@ All or nothing: a restore that fails changes nothing, although ``load_state_dict
 not atomic (a module copies the keys that fit, then raises for the others). Two means, by cost:
 
 * **Checked up front, at no memory cost:** whatever torch's own code loads: plain tensors,
-  modules that load key for key (:func:`_loads_key_for_key`), optimizers without overrides
+  modules that load key for key (:func:`ckptstore.fit.loads_key_for_key`), optimizers without overrides
   or hooks. Step 2 checks what torch checks (strict key sets, shapes, a tensor for each key,
   parameter group count and sizes), and torch zip member headers are checked while the new
   tensors are read, so nothing that can fail on a checked file is left once bytes land.
@@ -76,6 +76,7 @@ from torch.nn.parameter import is_lazy
 
 from . import commit
 from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
+from .fit import Marker, check_module, check_optimizer, check_tensor, loads_as_torch, loads_key_for_key
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
 from .serializers import CHUNK_BYTES, ChecksumReader, MapLocation, Source, check_crc, get_format, place, read_checked
@@ -168,11 +169,11 @@ def _restore(
     sources = planned.sources
     needed: dict[str, None] = {}  # saved keys the tree refers to, in order
 
-    def mark(key: str, _device: str) -> _Saved:
+    def mark(key: str, _device: str) -> Marker:
         if key not in sources:
             raise CorruptCheckpointError(f"{info.url}: the state refers to tensor {key!r}, which the file lacks")
         needed[key] = None
-        return _Saved(key, sources[key].shape)
+        return Marker(key, sources[key].shape)
 
     checks = _Steps()
     _walk_entries(target, _checked_dict(planned.build(mark), info), checks)  # raises before any byte is read
@@ -237,14 +238,6 @@ def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Saved:
-    """Stands for the saved tensor ``key`` (of ``shape``) in the tree while checking."""
-
-    key: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class _Pair:
     """``live`` is restored from the saved tensor ``key`` (``path`` names it for messages)."""
 
@@ -280,12 +273,12 @@ def _walk(live: Any, saved: Any, path: str, steps: _Steps) -> Any:
         StateMismatchError: where torch (or :func:`_apply`'s ``copy_``) would refuse ``saved``.
     """
     if isinstance(live, torch.Tensor):
-        _check_tensor(live, saved, path, module=False)
+        check_tensor(live, saved, path, module=False)
         _pair(live, saved, path, steps.pairs)
-    elif isinstance(live, torch.nn.Module) and _loads_key_for_key(live):
-        _pair(_check_module(live, saved, path), saved, path, steps.pairs)
-    elif isinstance(live, torch.optim.Optimizer) and _loads_as_torch(live):
-        _check_optimizer(live, saved, path)
+    elif isinstance(live, torch.nn.Module) and loads_key_for_key(live):
+        _pair(check_module(live, saved, path), saved, path, steps.pairs)
+    elif isinstance(live, torch.optim.Optimizer) and loads_as_torch(live):
+        check_optimizer(live, saved, path)
         _pair(live.state_dict()["state"], saved["state"], f"{path}['state']", steps.pairs)
     elif is_stateful(live):
         steps.opaque.append((live, saved, path))
@@ -330,71 +323,9 @@ def _apply(steps: _Steps, land: Callable[[], None]) -> None:
         raise
 
 
-def _check_tensor(live: torch.Tensor, saved: Any, path: str, *, module: bool) -> None:
-    """Raise unless ``saved`` is a tensor of ``live``'s shape (``module``: torch's one-element rule too)."""
-    if not isinstance(saved, (torch.Tensor, _Saved)):
-        raise StateMismatchError(f"state{path} is a tensor but the checkpoint holds a {type(saved).__name__}")
-    shape = tuple(saved.shape)
-    if tuple(live.shape) == shape or (module and live.dim() == 0 and shape == (1,)):
-        return  # torch loads a one-element tensor into a 0-d parameter
-    what = f"the checkpoint's {saved.key!r}" if isinstance(saved, _Saved) else "the checkpoint"
-    raise StateMismatchError(
-        f"state{path} has shape {tuple(live.shape)}, {what} {shape}; use load_partial to load only matching tensors"
-    )
-
-
-def _check_module(module: torch.nn.Module, saved: Any, path: str) -> dict[str, torch.Tensor]:
-    """Raise where a strict ``module.load_state_dict(saved)`` would; return the module's live tensors by key."""
-    if not isinstance(saved, dict):
-        raise StateMismatchError(f"state{path} is a module but the checkpoint holds a {type(saved).__name__}")
-    tensors = module.state_dict(keep_vars=True)
-    missing = [k for k in tensors if k not in saved]
-    unexpected = [k for k in saved if not isinstance(k, str) or _unexpected(module, k)]
-    if missing or unexpected:
-        raise StateMismatchError(
-            f"state{path} ({type(module).__name__}) does not match the checkpoint: missing keys {missing}, "
-            f"unexpected keys {unexpected}; use load_partial to load only matching tensors"
-        )
-    for k, t in tensors.items():
-        _check_tensor(t, saved[k], f"{path}[{k!r}]", module=True)
-    return tensors
-
-
-def _unexpected(module: torch.nn.Module, key: str) -> bool:
-    """True where torch's strict loading calls ``key`` unexpected: its dotted path does not
-    name a child module and then a parameter or persistent buffer (keys under a child that is
-    None are ignored)."""
-    head, dot, rest = key.partition(".")
-    while dot:
-        if head not in module._modules:
-            return True
-        child = module._modules[head]
-        if child is None:
-            return False
-        module, (head, dot, rest) = child, rest.partition(".")
-    buffers = module._buffers
-    return module._parameters.get(head) is None and (buffers.get(head) is None or head in module._non_persistent_buffers_set)
-
-
-def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: str) -> None:
-    """Raise where ``optimizer.load_state_dict(saved)`` would: structure, group count and sizes."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
-        raise StateMismatchError(f"state{path} is an optimizer but the checkpoint holds no optimizer state_dict")
-    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
-    saved_sizes = [len(g["params"]) for g in groups]
-    if live_sizes != saved_sizes:
-        raise StateMismatchError(
-            f"state{path} ({type(optimizer).__name__}) has parameter groups of {live_sizes} parameters, the "
-            f"checkpoint {saved_sizes}; build the optimizer over the same parameters, in the same groups, as the "
-            "run that saved it"
-        )
-
-
 def _pair(live: Any, saved: Any, path: str, out: list[_Pair]) -> None:
     """Collect the live tensors, alone or in nested dicts, that saved tensors restore by key."""
-    if isinstance(saved, _Saved):
+    if isinstance(saved, Marker):
         if isinstance(live, torch.Tensor) and not is_lazy(live):
             out.append(_Pair(live, saved.key, path))
     elif isinstance(live, dict) and isinstance(saved, dict):
@@ -403,9 +334,9 @@ def _pair(live: Any, saved: Any, path: str, out: list[_Pair]) -> None:
                 _pair(live[k], v, f"{path}[{k!r}]", out)
 
 
-def _markers(tree: Any) -> Iterator[_Saved]:
+def _markers(tree: Any) -> Iterator[Marker]:
     """Every marker in a saved tree (built with markers), depth first."""
-    if isinstance(tree, _Saved):
+    if isinstance(tree, Marker):
         yield tree
     elif isinstance(tree, dict):
         for v in tree.values():
@@ -413,36 +344,6 @@ def _markers(tree: Any) -> Iterator[_Saved]:
     elif isinstance(tree, (list, tuple)):
         for v in tree:
             yield from _markers(v)
-
-
-def _loads_key_for_key(module: torch.nn.Module) -> bool:
-    """True when ``load_state_dict`` copies each saved key into the parameter of that name:
-    no load or state_dict hooks anywhere in the tree, no extra state, and no loading logic
-    outside torch.
-
-    Otherwise a hook or override may route saved tensor X into parameter Y, which bytes
-    landed early by key would corrupt; such modules get their tensors as new ones, and are
-    loaded as user code (see the module doc).
-    """
-    top = type(module)
-    if top.state_dict is not torch.nn.Module.state_dict or top.load_state_dict is not torch.nn.Module.load_state_dict:
-        return False
-    for m in module.modules():
-        hooks = (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks, m._state_dict_hooks, m._state_dict_pre_hooks)
-        cls = type(m)
-        if (any(hooks) or not cls._load_from_state_dict.__module__.startswith("torch.nn.")
-                or cls.get_extra_state is not torch.nn.Module.get_extra_state
-                or cls.set_extra_state is not torch.nn.Module.set_extra_state):
-            return False
-    return True
-
-
-def _loads_as_torch(optimizer: torch.optim.Optimizer) -> bool:
-    """True when the optimizer's ``state_dict``/``load_state_dict`` are torch's, without hooks."""
-    cls, base = type(optimizer), torch.optim.Optimizer
-    hooks = (optimizer._optimizer_state_dict_pre_hooks, optimizer._optimizer_state_dict_post_hooks,
-             optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks)
-    return cls.state_dict is base.state_dict and cls.load_state_dict is base.load_state_dict and not any(hooks)
 
 
 def _destinations(pairs: list[_Pair], sources: dict[str, SourceTensor]) -> dict[str, torch.Tensor]:

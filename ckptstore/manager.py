@@ -21,7 +21,7 @@ from . import cleanup, commit, retention
 from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, InvalidNameError
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
-from .manifest import CheckpointInfo
+from .manifest import MANIFEST_NAME, CheckpointInfo
 from .partial import LoadReport, load_partial
 from .serializers import MapLocation, get_format
 from .storage import check_relative_path, open_storage
@@ -196,6 +196,8 @@ class CheckpointManager:
     def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, str | None]:
         """Check every committed checkpoint's sizes and CRC32C: ``{name: None or the problem}``.
 
+        A checkpoint deleted while it is checked (a concurrent prune) is left out, not reported.
+
         ``progress(n)`` is called as bytes are read (the CLI's progress bar).
         """
         results: dict[str, str | None] = {}
@@ -204,7 +206,8 @@ class CheckpointManager:
                 commit.verify_checkpoint(self.storage, info, progress)
                 results[info.name] = None
             except CorruptCheckpointError as err:
-                results[info.name] = str(err)
+                if self.storage.exists(f"{info.name}/{MANIFEST_NAME}"):  # else pruned meanwhile, not damaged
+                    results[info.name] = str(err)
         return results
 
     def uncommitted(self) -> dict[str, str]:
@@ -293,23 +296,27 @@ class CheckpointManager:
         infos = self.checkpoints()
         if not infos:
             return None
-        candidates = retention.newest_first(infos) if which == "latest" else [self._find(which, infos)]
-        errors = []
-        for info in candidates:
+        if which != "latest":
+            return self._restore_one(self._find(which, infos), state, map_location, weights_only, verify)
+        tried: dict[str, str] = {}
+        while todo := [i for i in retention.newest_first(infos) if i.name not in tried]:
             try:
-                values, report = restore_checkpoint(
-                    self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify
-                )
+                return self._restore_one(todo[0], state, map_location, weights_only, verify)
             except CorruptCheckpointError as err:
-                if which != "latest":
-                    raise
-                log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, err)
-                errors.append(str(err))
-                continue
-            log.info("restored %s: %d bytes read in %d requests, %d tensors straight into live memory",
-                     info.url, report.bytes_read, report.requests, len(report.loaded))
-            return values
-        raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(errors))
+                log.warning("checkpoint %s is unusable, trying the one before: %s", todo[0].name, err)
+                tried[todo[0].name] = str(err)
+            infos = self.checkpoints()  # the root may have changed meanwhile: a prune, a newer save
+        raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(tried.values()))
+
+    def _restore_one(
+        self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
+    ) -> dict[str, Any]:
+        values, report = restore_checkpoint(
+            self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify
+        )
+        log.info("restored %s: %d bytes read in %d requests, %d tensors straight into live memory",
+                 info.url, report.bytes_read, report.requests, len(report.loaded))
+        return values
 
     def load_partial(
         self,

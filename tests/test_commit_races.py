@@ -171,3 +171,22 @@ def test_a_new_checkpoint_folder_is_made_durable_by_an_fsync_of_its_parent(tmp_p
     CheckpointManager(root).save({"x": 1}, step=1)
     assert str(tmp_path) in synced and str(tmp_path / "new") in synced  # the root's new folders
     assert str(root) in synced  # the entry of the new checkpoint folder
+
+
+def test_verify_racing_a_prune_reports_no_false_damage(store):
+    """A checkpoint pruned while ``verify`` reads it is gone, not damaged: it is left out."""
+    mgr = manager(store)
+    for step in (1, 2):
+        mgr.save({"w": torch.full((64,), float(step))}, step=step)
+    pruner = manager(store)
+    real = mgr.storage.size
+    done = []
+
+    def size(path):
+        if not done:
+            done.append(path)
+            pruner.delete(1)  # between verify's listing and its first read
+        return real(path)
+
+    mgr.storage.size = size
+    assert mgr.verify() == {"step_00000002": None} and done

@@ -309,8 +309,15 @@ def test_a_checkpoint_pruned_mid_restore_is_unusable_and_latest_falls_back(store
     info = next(i for i in trainer.checkpoints() if i.step == 3)
     fired = prune_at_first_read(monkeypatch, info.files[0].path, save(4))
     with caplog.at_level(logging.WARNING, logger="ckptstore"):
-        assert evaluator.restore(live) == {"step": 1}
+        assert evaluator.restore(live) == {"step": 4}  # "latest" lists again: the save that pruned 3 is the newest
     assert fired and any("vanished" in r.getMessage() for r in caplog.records)
+    assert_holds(live, saved[4])
+
+    monkeypatch.undo()
+    info = next(i for i in trainer.checkpoints() if i.step == 4)
+    fired = prune_at_first_read(monkeypatch, info.files[0].path, lambda: trainer.delete(4))
+    assert evaluator.restore(live) == {"step": 1}  # nothing newer appeared: it falls back to what retention kept
+    assert fired
     assert_holds(live, saved[1])
 
 
