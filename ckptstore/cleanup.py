@@ -17,8 +17,14 @@ job still flushing). They look the same, so removal rests on three rules:
   raises. Either way no committed manifest ever loses its data, whatever the clocks say.
   (The claim is preceded by a plain existence check, which narrows the window on stores whose
   create-only write is check-then-write, such as the GCS emulator.)
-* **Exact keys.** Only the files listed are deleted, one by one, the tombstone last; never a
-  recursive delete of a folder that may have gained files since it was listed.
+* **Exact keys.** Only the files listed are deleted, one by one, the tombstone last and only
+  while it is still the same tombstone (each carries a random token): once it is gone a new
+  save of that name may commit there. Never a recursive delete of a folder that may have
+  gained files since it was listed. A folder another cleaner claimed is finished by the same
+  idle rule, so a live cleaner is not raced by a second one.
+
+A manifest whose data file is missing (a save that failed while a cleaner removed its data)
+is removed by the same idle rule, data first and manifest last.
 
 Temp files of local atomic writes (``.<name>.<hex>.tmp``: a kill during a save or during the
 best-model export) are removed by the same idle rule, wherever they are under the root.
@@ -29,8 +35,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .commit import Leftover, Scan
-from .manifest import MANIFEST_NAME, TOMBSTONE
+from .commit import Leftover, Scan, delete_manifest_if
+from .manifest import MANIFEST_NAME, tombstone
 from .storage import FsspecStorage
 
 log = logging.getLogger("ckptstore")
@@ -69,11 +75,12 @@ def clean(
 ) -> list[str]:
     """Remove the leftovers of ``found`` that are idle for ``idle_seconds``; return what went.
 
-    Tombstoned folders (a cleaner died half-way) are finished at once: nobody can commit there.
+    A folder another cleaner claimed (a tombstone) is finished by the same idle rule, and its
+    tombstone deleted only while it is still that tombstone.
     """
     now = time.time() if now is None else now
     monotonic = time.monotonic() if monotonic is None else monotonic
-    clock.forget_all_but(set(found.abandoned) | set(found.stray))
+    clock.forget_all_but(set(found.abandoned) | set(found.broken) | set(found.stray))
 
     def idle(key: str, leftover: Leftover) -> bool:
         watched = clock.watched(key, leftover, monotonic)
@@ -81,7 +88,12 @@ def clean(
 
     removed = []
     for folder, leftover in found.abandoned.items():
-        if (leftover.tombstone or idle(folder, leftover)) and _remove_save(storage, folder, leftover):
+        if idle(folder, leftover) and _remove_save(storage, folder, leftover):
+            removed.append(folder)
+    for folder, leftover in found.broken.items():
+        if idle(folder, leftover):
+            log.warning("removing %s: its manifest's data file is missing", storage.url(folder))
+            _remove_files(storage, folder, leftover.files, leftover.manifest)
             removed.append(folder)
     for path, leftover in found.stray.items():
         if idle(path, leftover):
@@ -91,19 +103,30 @@ def clean(
 
 
 def _remove_save(storage: FsspecStorage, folder: str, leftover: Leftover) -> bool:
-    """Claim ``folder`` with a tombstone, delete the files listed, then the tombstone."""
-    manifest = f"{folder}/{MANIFEST_NAME}"
+    """Claim ``folder`` with a tombstone (unless claimed already), delete the files listed, then the tombstone."""
+    claim = leftover.manifest
     if not leftover.tombstone:
-        if storage.exists(manifest):  # committed since the listing; also guards stores whose create-only is not
+        if storage.exists(f"{folder}/{MANIFEST_NAME}"):  # committed since the listing; also guards stores whose create-only is not
             return False
+        claim = tombstone()
         try:
-            storage.write_new(manifest, TOMBSTONE)
+            storage.write_new(f"{folder}/{MANIFEST_NAME}", claim)
         except FileExistsError:
             return False  # committed since the listing (or claimed by another cleaner): not ours to remove
     log.info("removing abandoned partial checkpoint %s", storage.url(folder))
-    for path in leftover.files:
-        if path != manifest:
-            storage.delete(path)
-    storage.delete(manifest)
-    storage.remove_folder(folder)
+    _remove_files(storage, folder, leftover.files, claim)
     return True
+
+
+def _remove_files(storage: FsspecStorage, folder: str, files: tuple[str, ...], manifest: bytes) -> None:
+    """Delete the listed files of ``folder``, then its manifest if it still is ``manifest``, then the empty folder.
+
+    The manifest is deleted only while it holds what was listed (the tombstone, or the manifest
+    without data): once it is gone, a new save of the same name may commit there.
+    """
+    path = f"{folder}/{MANIFEST_NAME}"
+    for file in files:
+        if file != path:
+            storage.delete(file)
+    delete_manifest_if(storage, folder, lambda data: data == manifest)
+    storage.remove_folder(folder)

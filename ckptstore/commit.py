@@ -18,6 +18,10 @@ So on ``FileExistsError`` the writer reads the manifest that is there: if it nam
 writer's own data file (its random token, size and CRC32C), the commit was its own and the save
 succeeded; otherwise another writer won and this one deletes its data file.
 
+A manifest whose data file is not in the same listing is not a checkpoint either (``broken``):
+it is what a save leaves when a cleaner removed its data and a failure stopped it before it
+could un-commit, and counting it would let retention prune a real checkpoint for a phantom.
+
 Deleting runs the other way round: the manifest first (the checkpoint vanishes atomically),
 then exactly the data files it listed. Unfinished saves and temp files are removed by
 :mod:`ckptstore.cleanup`; as a second guard a writer checks its data file after committing
@@ -35,13 +39,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, CorruptCheckpointError, StorageError
-from .manifest import MANIFEST_NAME, TOMBSTONE, CheckpointInfo, FileEntry
+from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, is_tombstone
 from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
 from .storage import TEMP_FILE, FsspecStorage
 from .tree import iter_tensors
 
 log = logging.getLogger("ckptstore")
 
+LIST_ATTEMPTS = 3  # listings per scan when manifests vanish between the listing and their read
 _DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt)$")
 
 
@@ -56,7 +61,12 @@ class Leftover:
 
     files: tuple[str, ...]  # relative to the root
     mtime: float  # the newest modification time among them, as the store reports it
-    tombstone: bool = False  # a cleaner claimed this folder: its manifest is a tombstone
+    manifest: bytes = b""  # the folder's manifest as listed (a tombstone, or one whose data is missing)
+
+    @property
+    def tombstone(self) -> bool:
+        """A cleaner claimed this folder: its manifest is a tombstone."""
+        return is_tombstone(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,14 @@ class Scan:
     committed: list[CheckpointInfo]
     corrupt: dict[str, tuple[str, ...]]  # folder -> its files: unreadable manifest, left for the user
     abandoned: dict[str, Leftover]  # folder -> an unfinished (or claimed) save
+    broken: dict[str, Leftover]  # folder -> a manifest whose data file is not there: never a checkpoint
     stray: dict[str, Leftover]  # file -> temp files and unlisted data files, in committed folders or at the root
+
+    def damaged(self, folder: str) -> tuple[str, ...] | None:
+        """The files of ``folder`` if its manifest is unreadable or its data is missing, else None."""
+        if folder in self.corrupt:
+            return self.corrupt[folder]
+        return self.broken[folder].files if folder in self.broken else None
 
 
 def write_checkpoint(
@@ -87,16 +104,21 @@ def write_checkpoint(
         name=name, step=step, format=fmt.name, metrics=dict(metrics),
         files=(FileEntry(data_name, out.size, out.crc),), url=storage.url(name),
     )
+    data_path = f"{name}/{data_name}"
     try:
         storage.write_new(manifest_path, info.to_json())
     except FileExistsError as err:
         there = _read_if_present(storage, manifest_path)
-        if there is not None and _names_our_file(there, info.files[0]):
-            log.info("%s: the manifest write's reply was lost; the manifest there is ours, so the commit stands", info.url)
-        else:
-            storage.delete(f"{name}/{data_name}")
+        if there is None or not _names_our_file(there, info.files[0]):
+            storage.delete(data_path)
             raise _refused(storage, name, there) from err
-    if not storage.exists(f"{name}/{data_name}"):  # removed under us by a concurrent cleanup
+        log.info("%s: the manifest write's reply was lost; the manifest there is ours, so the commit stands", info.url)
+    except StorageError:  # it may have happened with its reply lost: look before giving up
+        there = _read_if_present(storage, manifest_path)
+        if there is None or not _names_our_file(there, info.files[0]):
+            raise  # not committed; the data file is an unfinished save, removed once idle
+        log.info("%s: the manifest write failed after it was stored; the manifest there is ours", info.url)
+    if not storage.exists(data_path):  # removed under us by a concurrent cleanup
         storage.delete(manifest_path)
         raise StorageError(
             f"{storage.url(name)}: the data file vanished while committing (another process cleaned the "
@@ -122,7 +144,7 @@ def _names_our_file(manifest: bytes, ours: FileEntry) -> bool:
 def _refused(storage: FsspecStorage, name: str, there: bytes | None) -> CkptStoreError:
     """The error for a manifest write refused because ``there`` (None: gone again) was first."""
     url = storage.url(name)
-    if there == TOMBSTONE:
+    if is_tombstone(there):
         return StorageError(
             f"{url}: another process judged this save abandoned and is removing it, so it was not committed "
             "(two jobs on one root, or abandoned_after shorter than a save takes); save again"
@@ -149,34 +171,46 @@ def unreadable_manifest_message(storage: FsspecStorage, name: str) -> str:
 
 
 def scan(storage: FsspecStorage) -> Scan:
-    """List the root once and read every manifest (concurrently where the store can)."""
-    folders: dict[str, dict[str, float]] = {}
-    at_root: dict[str, float] = {}
-    for path, mtime in storage.list_files().items():
-        folder, _, rest = path.partition("/")
-        if not rest:
-            at_root[path] = mtime
-        elif "/" not in rest:
-            folders.setdefault(folder, {})[rest] = mtime
-    manifests = [f"{f}/{MANIFEST_NAME}" for f, files in folders.items() if MANIFEST_NAME in files]
+    """List the root once and read every manifest (concurrently where the store can).
+
+    A manifest deleted between the listing and its read (a concurrent prune) makes the listing
+    stale, so the root is listed again (a few times at most): a stale listing could show no
+    checkpoint at all while newer ones exist.
+    """
+    for _ in range(LIST_ATTEMPTS):
+        folders, at_root = _list(storage)
+        manifests = [f"{f}/{MANIFEST_NAME}" for f, files in folders.items() if MANIFEST_NAME in files]
+        texts = storage.read_many(manifests)
+        if len(texts) == len(manifests):
+            break
     committed: list[CheckpointInfo] = []
     corrupt: dict[str, tuple[str, ...]] = {}
-    claimed: set[str] = set()
-    for path, data in sorted(storage.read_many(manifests).items()):
+    claimed: dict[str, bytes] = {}
+    broken: dict[str, Leftover] = {}
+    for path, data in sorted(texts.items()):
         folder = path.split("/")[0]
-        if data == TOMBSTONE:
-            claimed.add(folder)
+        files = folders[folder]
+        listed = tuple(f"{folder}/{n}" for n in sorted(files))
+        if is_tombstone(data):
+            claimed[folder] = data
             continue
         try:
             info = CheckpointInfo.from_json(data, url=storage.url(folder))
             if info.name != folder:
                 raise CorruptCheckpointError(f"{storage.url(path)} names {info.name!r}, not its folder {folder!r}")
-            committed.append(info)
         except CorruptCheckpointError as err:
             log.warning("ignoring %s: %s", folder, err)
-            corrupt[folder] = tuple(f"{folder}/{n}" for n in sorted(folders[folder]))
+            corrupt[folder] = listed
+            continue
+        missing = [e.path for e in info.files if e.path not in files]
+        if missing:
+            log.warning("ignoring %s: unusable, its manifest lists %s, which is missing (damaged by hand, or a save "
+                        "that failed while it committed); it is removed once idle", info.url, ", ".join(missing))
+            broken[folder] = Leftover(listed, max(files.values()), data)
+        else:
+            committed.append(info)
     abandoned = {
-        f: Leftover(tuple(f"{f}/{n}" for n in sorted(files)), max(files.values()), tombstone=f in claimed)
+        f: Leftover(tuple(f"{f}/{n}" for n in sorted(files)), max(files.values()), claimed.get(f, b""))
         for f, files in sorted(folders.items())
         if f in claimed or (MANIFEST_NAME not in files and all(_ours(n) for n in files))
     }
@@ -186,7 +220,20 @@ def scan(storage: FsspecStorage) -> Scan:
     }
     stray.update({p: Leftover((p,), mtime) for p, mtime in at_root.items() if TEMP_FILE.match(p)})
     committed.sort(key=lambda i: (i.step, i.created))
-    return Scan(committed, corrupt, abandoned, dict(sorted(stray.items())))
+    return Scan(committed, corrupt, abandoned, broken, dict(sorted(stray.items())))
+
+
+def _list(storage: FsspecStorage) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The root's files: {checkpoint folder: {file name: mtime}}, and {root-level file: mtime}."""
+    folders: dict[str, dict[str, float]] = {}
+    at_root: dict[str, float] = {}
+    for path, mtime in storage.list_files().items():
+        folder, _, rest = path.partition("/")
+        if not rest:
+            at_root[path] = mtime
+        elif "/" not in rest:
+            folders.setdefault(folder, {})[rest] = mtime
+    return folders, at_root
 
 
 def read_checkpoint(
@@ -242,15 +289,31 @@ def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
 
 def delete_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
     """Un-commit ``info`` (manifest first, atomically), then delete exactly the files it lists."""
-    storage.delete(f"{info.name}/{MANIFEST_NAME}")
+    delete_manifest_if(storage, info.name, lambda data: _names_our_file(data, info.files[0]) if info.files else True)
     for entry in info.files:
         storage.delete(f"{info.name}/{entry.path}")
     storage.remove_folder(info.name)
 
 
-def delete_unreadable(storage: FsspecStorage, name: str, files: tuple[str, ...]) -> None:
-    """Delete a folder with an unreadable manifest: the manifest first, then the files listed."""
-    storage.delete(f"{name}/{MANIFEST_NAME}")
+def delete_manifest_if(storage: FsspecStorage, name: str, still: Callable[[bytes], bool]) -> bool:
+    """Delete ``name``'s manifest if it is ``still`` the one the caller means; True if it was.
+
+    A manifest path can be reused: once one process deleted it, another can commit a new
+    checkpoint of the same name there. Reading it right before the delete keeps a late
+    deleter from removing that new one (a narrow window remains between the read and the
+    delete; no portable conditional delete exists across fsspec stores).
+    """
+    path = f"{name}/{MANIFEST_NAME}"
+    there = _read_if_present(storage, path)
+    if there is None or not still(there):
+        return False
+    storage.delete(path)
+    return True
+
+
+def delete_damaged(storage: FsspecStorage, name: str, files: tuple[str, ...]) -> None:
+    """Delete a folder whose manifest is unreadable or lacks its data: the manifest first, then the files listed."""
+    storage.delete(f"{name}/{MANIFEST_NAME}")  # asked for by name: whatever it holds now
     for path in files:
         storage.delete(path)
     storage.remove_folder(name)

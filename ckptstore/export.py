@@ -3,13 +3,17 @@
 ``export_best="model_best.safetensors"`` keeps ``<root>/model_best.safetensors`` holding the
 weights (``state[export_key]``) of the best checkpoint *ever committed* under the root by
 ``monitor``, whatever retention has deleted since. Beside it, ``model_best.safetensors.json``
-records which checkpoint the file holds, that checkpoint's metric, and the file's size and
-CRC32C.
+records which checkpoint the file holds, that checkpoint's metric, the file's size and CRC32C,
+and the store's version token of the file (generation, ETag, inode and mtime: it changes with
+every write, so a record tells its own file from one another process wrote after it).
 
 The export is a copy of a committed checkpoint, so it is reconciled rather than trusted:
 every save (after its commit, before retention) and every prune compares the record with the
 best stored checkpoint, and rewrites the export when a stored checkpoint is strictly better
-than the record, or when the file does not match its record. A kill or an error during the
+than the record, or when the file is not the one its record describes. Two processes may
+export at once; each checks after writing its record that the file is still its own, and
+if not lists the root again and reconciles again (a few rounds at most), so the last record
+written describes the file and no stale listing overwrites a better export. A kill or an error during the
 export therefore costs one rewrite on the next save, never a stale export; and a worse model
 never replaces a better one that retention has pruned, since the record keeps its metric.
 The weights file is written first and the record last, each atomically.
@@ -29,12 +33,13 @@ from typing import Any
 import torch
 
 from . import commit, retention
-from .errors import CheckpointNotFound, ConfigError
+from .errors import CheckpointNotFound, ConfigError, StorageError
 from .manifest import CheckpointInfo
 from .serializers import ChecksumWriter, format_for_path
 from .storage import FsspecStorage
 
 log = logging.getLogger("ckptstore")
+ROUNDS = 3  # reconcile rounds against concurrent exporters before giving up until the next save
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class ExportRecord:
     value: float
     size: int
     crc32c: int
+    version: str
 
 
 def weights_to_export(tree: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
@@ -92,10 +98,22 @@ class BestExport:
         """Rewrite the export if a stored checkpoint beats its record or the file is not its record's.
 
         ``fresh``: the checkpoint just saved and its state, exported from memory if it is the best.
+
+        Raises:
+            StorageError: the store refused, or other processes kept rewriting the export.
         """
+        for _ in range(ROUNDS):
+            if self._reconcile_once(committed, fresh):
+                return
+            log.info("%s was rewritten by another process meanwhile; reconciling again", self.storage.url(self.file))
+            committed = commit.scan(self.storage).committed  # that process may know a better checkpoint
+        raise StorageError(f"{self.storage.url(self.file)} kept being rewritten by other processes; it is reconciled on the next save")
+
+    def _reconcile_once(self, committed: Sequence[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]] | None) -> bool:
+        """One round; False when another process wrote the file after this round's write."""
         ranked = retention.ranked_best(committed, self.monitor, self.mode)
         if not ranked:
-            return
+            return True
         top = ranked[0]
         record = self.record()
         if record is not None:
@@ -103,27 +121,31 @@ class BestExport:
             assert value is not None  # ranked_best keeps finite metrics only
             beaten = value < record.value if self.mode == "min" else value > record.value
             if not beaten and self._matches(record):
-                return
+                return True
             if not beaten and record.value != value:  # the record's better checkpoint is pruned
                 log.warning("the export %s no longer matches its record and %s (%s=%s) is gone; exporting the best "
                             "stored checkpoint, %s", self.storage.url(self.file), record.checkpoint, self.monitor,
                             record.value, top.name)
         tree = fresh[1] if fresh is not None and fresh[0].name == top.name else commit.read_checkpoint(self.storage, top)
-        self._write(top, weights_to_export(tree, self.key))
+        return self._write(top, weights_to_export(tree, self.key))
 
     def _matches(self, record: ExportRecord) -> bool:
         try:
-            return self.storage.size(self.file) == record.size
+            return self.storage.version(self.file) == record.version
         except CheckpointNotFound:
             return False
 
-    def _write(self, info: CheckpointInfo, weights: dict[str, torch.Tensor]) -> None:
-        with self.storage.open_write(self.file) as raw:
+    def _write(self, info: CheckpointInfo, weights: dict[str, torch.Tensor]) -> bool:
+        """Write the weights, then their record; False if the file was rewritten by then."""
+        published: list[str] = []
+        with self.storage.open_write(self.file, published=published) as raw:
             out = ChecksumWriter(raw)
             format_for_path(self.file).write_plain(weights, out)
         value = info.metric(self.monitor)
         assert value is not None
-        record = ExportRecord(self.file, info.name, info.step, self.monitor, self.mode, value, out.size, out.crc)
+        [version] = published
+        record = ExportRecord(self.file, info.name, info.step, self.monitor, self.mode, value, out.size, out.crc, version)
         with self.storage.open_write(self.record_file) as f:
             f.write(json.dumps(asdict(record), indent=1).encode())
         log.info("exported best (%s=%s, step %d) to %s", self.monitor, value, info.step, self.storage.url(self.file))
+        return self.storage.version(self.file) == version

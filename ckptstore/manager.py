@@ -159,6 +159,11 @@ class CheckpointManager:
             )
         if name in found.corrupt:
             raise CheckpointExists(commit.unreadable_manifest_message(self.storage, name))
+        if name in found.broken:
+            raise CheckpointExists(
+                f"{self.storage.url(name)} holds a manifest whose data file is missing (a save that failed while it "
+                f"committed, or damage); it is removed once idle for abandoned_after, or now with delete({name!r})"
+            )
         newest = found.committed[-1] if found.committed else None
         if newest is not None and step < newest.step and not allow_older:
             raise ConfigError(
@@ -227,6 +232,7 @@ class CheckpointManager:
             f: "being removed as an abandoned save" if left.tombstone else f"unfinished save (no manifest), idle {now - left.mtime:.0f}s"
             for f, left in found.abandoned.items()
         }
+        reasons.update({f: "manifest whose data file is missing; removed once idle" for f in found.broken})
         reasons.update({f: "unreadable manifest; left for you to inspect (CheckpointManager.delete removes it)" for f in found.corrupt})
         return dict(sorted(reasons.items()))
 
@@ -242,8 +248,8 @@ class CheckpointManager:
     def delete(self, which: Which) -> CheckpointInfo | None:
         """Delete one checkpoint (by step or name); return what it was.
 
-        Also removes a folder whose manifest is unreadable (named, or by its step's default
-        name); that returns None, as there is no readable description of it.
+        Also removes a damaged folder (named, or by its step's default name): an unreadable
+        manifest, or one whose data file is missing; that returns None.
 
         Example:
             >>> mgr = CheckpointManager("memory://doc/delete")
@@ -251,14 +257,24 @@ class CheckpointManager:
             1
         """
         found = commit.scan(self.storage)
-        folder = which if isinstance(which, str) else f"step_{which:08d}" if isinstance(which, int) else None
-        if folder in found.corrupt and not any(i.name == folder or i.step == which for i in found.committed):
-            commit.delete_unreadable(self.storage, folder, found.corrupt[folder])
-            log.info("deleted %s (unreadable manifest)", self.storage.url(folder))
+        folder = self._folder_of(which)
+        files = found.damaged(folder) if folder else None
+        if files is not None and not any(i.name == folder or i.step == which for i in found.committed):
+            commit.delete_damaged(self.storage, folder, files)
+            log.info("deleted %s (a damaged checkpoint)", self.storage.url(folder))
             return None
         info = self._find(which, found.committed)
         commit.delete_checkpoint(self.storage, info)
         return info
+
+    @staticmethod
+    def _folder_of(which: Which) -> str:
+        """The folder a step or name refers to (a step's default name); '' for 'latest'/'best'."""
+        if isinstance(which, bool):
+            return ""
+        if isinstance(which, int):
+            return f"step_{which:08d}"
+        return which if which not in ("latest", "best") else ""
 
     # -- restoring ------------------------------------------------------------------------
     def restore(
@@ -293,11 +309,21 @@ class CheckpointManager:
         """
         if isinstance(which, str) and which not in ("latest", "best"):
             self._check_name(which)
-        infos = self.checkpoints()
+        found = commit.scan(self.storage)
+        infos = found.committed
         if not infos:
             return None
         if which != "latest":
-            return self._restore_one(self._find(which, infos), state, map_location, weights_only, verify)
+            try:
+                info = self._find(which, infos)
+            except CheckpointNotFound:
+                folder = self._folder_of(which)
+                if folder in found.broken:
+                    raise CorruptCheckpointError(
+                        f"{self.storage.url(folder)} is unusable: its manifest's data file is missing"
+                    ) from None
+                raise
+            return self._restore_one(info, state, map_location, weights_only, verify)
         tried: dict[str, str] = {}
         while todo := [i for i in retention.newest_first(infos) if i.name not in tried]:
             try:

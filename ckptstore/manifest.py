@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -18,9 +19,24 @@ from .errors import CorruptCheckpointError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-# Written create-only in place of a manifest by a process that removes an abandoned save:
-# it stops a late writer from committing into a folder whose data is being deleted.
-TOMBSTONE = b'{"ckptstore": "tombstone", "reason": "an abandoned save is being removed"}\n'
+_TOMBSTONE_PREFIX = b'{"ckptstore": "tombstone"'
+
+
+def tombstone() -> bytes:
+    """A new tombstone: written create-only in place of a manifest by a process that removes
+    an abandoned save, it stops a late writer from committing into a folder whose data is being
+    deleted. Its random token lets the remover delete exactly its own tombstone later.
+
+    Example:
+        >>> is_tombstone(tombstone())
+        True
+    """
+    return _TOMBSTONE_PREFIX + f', "token": "{uuid.uuid4().hex}", "reason": "an abandoned save is being removed"}}\n'.encode()
+
+
+def is_tombstone(data: bytes | None) -> bool:
+    """True if ``data`` (a manifest file's bytes) is a tombstone."""
+    return data is not None and data.startswith(_TOMBSTONE_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,18 @@ class FsspecStorage:
         with self._errors("read", path):
             return int(self.fs.size(full))
 
+    def version(self, path: str) -> str:
+        """A token that changes whenever ``path`` is written again (asked of the store).
+
+        Local disks: inode and mtime (an atomic replace gives a new inode); object stores:
+        the object's generation or ETag; memory://: its creation time. Example: the
+        best-model export records it to tell its own write from another process's.
+        """
+        full = self._full(path)
+        self.fs.invalidate_cache(full)
+        with self._errors("read", path):
+            return _version_of(self.fs.info(full), local=self.is_local)
+
     def exists(self, path: str) -> bool:
         """True if the file ``path`` exists (asked of the store, not of a cached listing)."""
         full = self._full(path)
@@ -232,8 +244,12 @@ class FsspecStorage:
 
     # -- writes ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def open_write(self, path: str, size_hint: int = 0) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str, size_hint: int = 0, *, published: list[str] | None = None) -> Iterator[IO[bytes]]:
         """Stream bytes to ``path``; it appears, whole, only when the block exits cleanly.
+
+        ``published``: gets the :meth:`version` of the file this write published, taken from
+        the write itself on local disks and memory:// (so another process's write a moment
+        later cannot be mistaken for it), and asked of the store right after it elsewhere.
 
         On object stores the upload part size is ``PART_BYTES``, or larger when ``size_hint``
         (the expected size) needs it to stay within S3's 10,000 parts. The client holds about
@@ -243,13 +259,15 @@ class FsspecStorage:
         full = self._full(path)
         with self._errors("write", path):
             if self.is_local:
-                with _local_atomic_file(full) as f:
+                with _local_atomic_file(full, published) as f:
                     yield f
                 return
             if isinstance(self.fs, MemoryFileSystem):  # its open() publishes the file at once
                 memory_file = MemoryFile(self.fs, self.fs._strip_protocol(full))
                 yield memory_file
                 memory_file.commit()  # only a whole file is published
+                if published is not None:
+                    published.append(_version_of({"size": memory_file.size, "created": memory_file.created}, local=False))
                 return
             part = max(PART_BYTES, -(-size_hint // MAX_PARTS))
             f = self.fs.open(full, "wb", autocommit=False, block_size=part)
@@ -261,6 +279,8 @@ class FsspecStorage:
                 raise
             f.close()
             f.commit()
+        if published is not None:
+            published.append(self.version(path))
 
     def write_new(self, path: str, data: bytes) -> None:
         """Create ``path`` holding ``data``; raise FileExistsError if it already exists."""
@@ -357,6 +377,12 @@ def _from_client(err: Exception) -> bool:
     return type(err).__module__.partition(".")[0] in _CLIENT_LIBRARIES
 
 
+def _version_of(info: dict[str, Any], *, local: bool) -> str:
+    """The :meth:`FsspecStorage.version` token of a file, from its fsspec ``info``."""
+    keys = ("ino", "mtime") if local else ("generation", "ETag", "etag", "created", "mtime", "LastModified", "updated")
+    return ":".join(str(info[k]) for k in ("size", *keys) if info.get(k) is not None)
+
+
 def _mtime(info: dict[str, Any]) -> float:
     """A listing entry's modification time, whatever the store calls it."""
     for key in ("mtime", "LastModified", "updated", "created"):
@@ -371,8 +397,11 @@ def _mtime(info: dict[str, Any]) -> float:
 
 
 @contextlib.contextmanager
-def _local_atomic_file(final_path: str) -> Iterator[IO[bytes]]:
-    """Write a same-folder temp file, fsync it, rename it into place, fsync the folder."""
+def _local_atomic_file(final_path: str, published: list[str] | None = None) -> Iterator[IO[bytes]]:
+    """Write a same-folder temp file, fsync it, rename it into place, fsync the folder.
+
+    ``published`` gets the file's version (inode and mtime survive the rename).
+    """
     folder = os.path.dirname(final_path)
     _make_folder(folder)
     tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
@@ -381,7 +410,10 @@ def _local_atomic_file(final_path: str) -> Iterator[IO[bytes]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+            st = os.fstat(f.fileno())
         os.replace(tmp, final_path)
+        if published is not None:
+            published.append(_version_of({"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime}, local=True))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

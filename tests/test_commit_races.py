@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from ckptstore import CheckpointExists, CheckpointManager, CheckpointNotFound, StorageError, cleanup, commit
+from ckptstore import CheckpointExists, CheckpointManager, CheckpointNotFound, CorruptCheckpointError, StorageError, cleanup, commit
 from ckptstore.cli import main
+from ckptstore.manifest import tombstone
 from ckptstore.storage import open_storage
 
 
@@ -71,7 +72,7 @@ def test_a_cleaner_that_claims_first_makes_the_save_fail_loudly(store, request, 
     a.save({"w": torch.zeros(64)}, step=1)
     b = manager(store, abandoned_after=0)
     if cleaner_progress == "claimed":
-        before_manifest_write(a, lambda: b.storage.write_new("step_00000002/manifest.json", commit.TOMBSTONE))
+        before_manifest_write(a, lambda: b.storage.write_new("step_00000002/manifest.json", tombstone()))
     else:
         before_manifest_write(a, b.prune)
     expected = "judged this save abandoned" if cleaner_progress == "claimed" else "vanished while committing"
@@ -87,11 +88,28 @@ def test_a_killed_cleaner_is_finished_by_the_next_one(store):
     manager(store).save({"w": torch.zeros(4)}, step=1)
     with storage.open_write("step_00000002/state-0123abcd.safetensors") as f:
         f.write(b"data of a killed save")
-    storage.write_new("step_00000002/manifest.json", commit.TOMBSTONE)  # the cleaner died after its claim
-    mgr = manager(store)  # the default abandoned_after: a claimed folder needs no waiting
+    storage.write_new("step_00000002/manifest.json", tombstone())  # the cleaner died after its claim
+    mgr = manager(store)
     assert mgr.uncommitted() == {"step_00000002": "being removed as an abandoned save"}
-    mgr.prune()
+    mgr.prune()  # the idle rule holds for a claimed folder too: its cleaner may still be at work
+    assert "step_00000002" in commit.scan(storage).abandoned
+    manager(store, abandoned_after=0).prune()
     assert commit.scan(storage).abandoned == {} and assert_all_verify(store) == [1]
+
+
+def test_a_late_cleaner_never_deletes_a_manifest_committed_after_the_tombstone_went(store):
+    """Found by the random trials (seed 317): two cleaners finish one claimed folder; the first
+    removes the tombstone, a new save commits that step, and the second deleted its manifest by path."""
+    storage = open_storage(store.url, store.storage_options)
+    with storage.open_write("step_00000002/state-0123abcd.safetensors") as f:
+        f.write(b"data of a killed save")
+    storage.write_new("step_00000002/manifest.json", tombstone())
+    stale = commit.scan(storage)  # the second cleaner's listing: the claimed folder
+    cleanup.clean(storage, commit.scan(storage), 0, cleanup.IdleClock())  # the first finishes it
+    manager(store).save({"w": torch.ones(4)}, step=2)  # a new save of that step
+    cleanup.clean(storage, stale, 0, cleanup.IdleClock())  # the second acts on its stale listing
+    assert assert_all_verify(store) == [2]
+    assert torch.equal(manager(store).restore()["w"], torch.ones(4))
 
 
 def test_idle_is_judged_by_our_clock_too_not_only_the_store_mtime(tmp_path):
@@ -190,3 +208,44 @@ def test_verify_racing_a_prune_reports_no_false_damage(store):
 
     mgr.storage.size = size
     assert mgr.verify() == {"step_00000002": None} and done
+
+
+def test_a_manifest_without_its_data_is_not_a_checkpoint(store):
+    """What a save leaves when a cleaner removed its data and a failure stopped its un-commit
+    (found by the random trials, seeds 117 and 244): never counted, so never the reason to prune."""
+    storage = open_storage(store.url, store.storage_options)
+    mgr = manager(store, keep_last=2)
+    for step in (1, 2):
+        mgr.save({"w": torch.full((4,), float(step))}, step=step)
+    real = mgr.save({"w": torch.zeros(4)}, step=3)
+    storage.delete(f"{real.name}/{real.files[0].path}")  # step 3: a manifest whose data is gone
+    assert [c.step for c in mgr.checkpoints()] == [2]
+    assert mgr.uncommitted() == {"step_00000003": "manifest whose data file is missing; removed once idle"}
+    with pytest.raises(CorruptCheckpointError, match="data file is missing"):
+        mgr.restore(which=3)
+    with pytest.raises(CheckpointExists, match=r"data file is missing.*delete\('step_00000003'\)"):
+        mgr.save({"w": torch.zeros(4)}, step=3)
+    mgr.save({"w": torch.full((4,), 4.0)}, step=4)
+    assert [c.step for c in mgr.checkpoints()] == [2, 4]  # the phantom did not push step 2 out
+    assert torch.equal(mgr.restore()["w"], torch.full((4,), 4.0))
+    manager(store, abandoned_after=0).prune()
+    assert mgr.uncommitted() == {}
+
+
+def test_a_listing_whose_manifests_vanish_is_taken_again(store):
+    """Found by the random trials (seed 148): every manifest listed was pruned before it was read,
+    and restore() returned None, a fresh start, though newer checkpoints existed."""
+    mgr = manager(store)
+    mgr.save({"x": 1}, step=1)
+    trainer = manager(store, keep_last=1)
+    real = mgr.storage.read_many
+    done = []
+
+    def read_many(paths):
+        if not done:
+            done.append(paths)
+            trainer.save({"x": 2}, step=2)  # prunes step 1 between the listing and the read
+        return real(paths)
+
+    mgr.storage.read_many = read_many
+    assert mgr.restore() == {"x": 2} and done
