@@ -11,9 +11,11 @@ The export is a copy of a committed checkpoint, so it is reconciled rather than 
 every save (after its commit, before retention) and every prune compares the record with the
 best stored checkpoint, and rewrites the export when a stored checkpoint is strictly better
 than the record, or when the file is not the one its record describes. Two processes may
-export at once; each checks after writing its record that the file is still its own, and
-if not lists the root again and reconciles again (a few rounds at most), so the last record
-written describes the file and no stale listing overwrites a better export. A kill or an error during the
+export at once, each deciding from a listing that may be stale by the time it writes; so every
+write is followed by another round on a fresh listing (a few rounds at most): it rewrites the
+export if a better checkpoint appeared or the file is no longer the one its record describes.
+An export costs one more listing; a save that exports nothing costs one small read and a
+HEAD of the export. A kill or an error during the
 export therefore costs one rewrite on the next save, never a stale export; and a worse model
 never replaces a better one that retention has pruned, since the record keeps its metric.
 The weights file is written first and the record last, each atomically.
@@ -39,7 +41,7 @@ from .serializers import ChecksumWriter, format_for_path
 from .storage import FsspecStorage
 
 log = logging.getLogger("ckptstore")
-ROUNDS = 3  # reconcile rounds against concurrent exporters before giving up until the next save
+ROUNDS = 4  # reconcile rounds (each write is checked by one more) before giving up until the next save
 
 
 @dataclass(frozen=True)
@@ -103,17 +105,18 @@ class BestExport:
             StorageError: the store refused, or other processes kept rewriting the export.
         """
         for _ in range(ROUNDS):
-            if self._reconcile_once(committed, fresh):
-                return
-            log.info("%s was rewritten by another process meanwhile; reconciling again", self.storage.url(self.file))
-            committed = commit.scan(self.storage).committed  # that process may know a better checkpoint
+            if not self._reconcile_once(committed, fresh):
+                return  # the export already held the best stored checkpoint
+            # Written: check it against a fresh listing, since the one this decision rests on may be
+            # stale (another process may have exported a better checkpoint meanwhile, or rewritten ours).
+            committed = commit.scan(self.storage).committed
         raise StorageError(f"{self.storage.url(self.file)} kept being rewritten by other processes; it is reconciled on the next save")
 
     def _reconcile_once(self, committed: Sequence[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]] | None) -> bool:
-        """One round; False when another process wrote the file after this round's write."""
+        """One round: True if it wrote the export (to be checked by another round), False if it was right."""
         ranked = retention.ranked_best(committed, self.monitor, self.mode)
         if not ranked:
-            return True
+            return False
         top = ranked[0]
         record = self.record()
         if record is not None:
@@ -121,13 +124,14 @@ class BestExport:
             assert value is not None  # ranked_best keeps finite metrics only
             beaten = value < record.value if self.mode == "min" else value > record.value
             if not beaten and self._matches(record):
-                return True
+                return False
             if not beaten and record.value != value:  # the record's better checkpoint is pruned
                 log.warning("the export %s no longer matches its record and %s (%s=%s) is gone; exporting the best "
                             "stored checkpoint, %s", self.storage.url(self.file), record.checkpoint, self.monitor,
                             record.value, top.name)
         tree = fresh[1] if fresh is not None and fresh[0].name == top.name else commit.read_checkpoint(self.storage, top)
-        return self._write(top, weights_to_export(tree, self.key))
+        self._write(top, weights_to_export(tree, self.key))
+        return True
 
     def _matches(self, record: ExportRecord) -> bool:
         try:
@@ -135,8 +139,8 @@ class BestExport:
         except CheckpointNotFound:
             return False
 
-    def _write(self, info: CheckpointInfo, weights: dict[str, torch.Tensor]) -> bool:
-        """Write the weights, then their record; False if the file was rewritten by then."""
+    def _write(self, info: CheckpointInfo, weights: dict[str, torch.Tensor]) -> None:
+        """Write the weights, then their record (with the version of the file this write published)."""
         published: list[str] = []
         with self.storage.open_write(self.file, published=published) as raw:
             out = ChecksumWriter(raw)
@@ -148,4 +152,3 @@ class BestExport:
         with self.storage.open_write(self.record_file) as f:
             f.write(json.dumps(asdict(record), indent=1).encode())
         log.info("exported best (%s=%s, step %d) to %s", self.monitor, value, info.step, self.storage.url(self.file))
-        return self.storage.version(self.file) == version

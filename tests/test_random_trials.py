@@ -35,7 +35,8 @@ checks:
     raised may still have committed, with a lost reply, so "the newest success is committed"
     is not guaranteed: two such newer commits can legitimately retire it.)
 (c) **The export is the best.** After a save or prune that returned *and had no fault
-    injected*, while no other actor is between writing the export's weights and its record:
+    injected*, while no other actor's current op has written the export (that actor checks its
+    write against a fresh listing before it returns):
     ``model_best.safetensors.json`` names a checkpoint that was committed, with its metric, no
     worse than the best success that had returned before the step began; and the weights file
     (loaded with ``safetensors.torch.load``) holds that checkpoint's weights. A faulted step
@@ -404,16 +405,14 @@ class Trial:
                          f"({MONITOR}={record['value']})")
 
     def _mid_export(self, actor: str) -> list[str]:
-        """Actors other than ``actor`` that wrote the export's weights in their current op but not yet its record."""
+        """Actors other than ``actor`` whose current op has written the export: until that op returns,
+        it checks its write against a fresh listing and may still rewrite it."""
         busy = []
         for other, op in self.current.items():
             if other == actor or op is None:
                 continue
-            state = None
-            for event in self.trace.events[op.first_event:]:
-                if event.actor == other and event.method == "open_write" and event.path in (EXPORT, RECORD):
-                    state = event.path if event.path == EXPORT or event.done else EXPORT
-            if state == EXPORT:
+            if any(event.actor == other and event.method == "open_write" and event.path == EXPORT
+                   for event in self.trace.events[op.first_event:]):
                 busy.append(other)
         return busy
 
