@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from . import cleanup, commit, retention
-from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, InvalidNameError
+from .errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    CkptStoreError,
+    ConfigError,
+    CorruptCheckpointError,
+    InvalidNameError,
+    StorageError,
+)
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
 from .manifest import MANIFEST_NAME, CheckpointInfo
@@ -126,8 +134,9 @@ class CheckpointManager:
         retention; later saves apply the policy to it as to any other.
 
         Raises:
-            CheckpointExists: ``step`` (or ``name``) is already committed, or its folder holds
-                an unreadable manifest (the message says how to remove it).
+            CheckpointExists: ``step`` (or ``name``) is already committed, or its folder is
+                damaged: an unreadable manifest, or one without its data (the message says how
+                to remove it).
             ConfigError: ``step`` is older than the newest committed step (see above), or
                 ``state[export_key]`` is not exportable.
             UnsupportedValueError: a value in ``state`` cannot be stored without pickle.
@@ -143,7 +152,10 @@ class CheckpointManager:
         self.storage.makedirs()
         found = commit.scan(self.storage)
         self._check_free(found, step, name, allow_older)
-        cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
+        try:
+            cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
+        except StorageError as err:  # leftovers wait for the next save; this one goes on
+            log.warning("could not remove leftovers under %s: %s", self.root, err)
         info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
