@@ -136,7 +136,8 @@ def test_a_lost_commit_reply_still_commits(remote_store, proxy):
 
 @pytest.mark.slow
 def test_saves_with_replies_lost_at_random(remote_store, proxy):
-    """12 saves, keep_last=3, each create-only reply lost with probability 0.5 (seeded).
+    """12 saves (6 on gcs, whose retries back off 1-2 s each), keep_last=3, each create-only
+    reply lost with probability 0.5 (seeded).
 
     Every save must succeed; a save that cannot must raise a ckptstore error and leave every
     committed checkpoint intact. After each save every committed checkpoint verifies and
@@ -146,7 +147,8 @@ def test_saves_with_replies_lost_at_random(remote_store, proxy):
     rule = proxy.add(create_only_rule(remote_store.kind, probability=0.5, seed=9))
     mgr = CheckpointManager(remote_store.url, keep_last=3, storage_options=through(remote_store, proxy))
     failures: list[tuple[int, CkptStoreError]] = []
-    for step in range(12):
+    saves = 12 if remote_store.kind == "s3" else 6
+    for step in range(saves):
         try:
             info = mgr.save(small_state(step), step=step)
         except CkptStoreError as err:  # anything else (a raw botocore/aiohttp error) fails the test
@@ -157,7 +159,7 @@ def test_saves_with_replies_lost_at_random(remote_store, proxy):
     assert proxy.stats.dropped >= 3, f"the seed must drop some replies ({proxy.stats.dropped} dropped)"
     assert rule.fired == proxy.stats.dropped
     assert not failures, f"saves failed after lost replies: {failures}"
-    assert [i.step for i in mgr.checkpoints()] == [9, 10, 11]
+    assert [i.step for i in mgr.checkpoints()] == list(range(saves - 3, saves))
 
 
 # ---------------------------------------------------------------- the proxy itself
