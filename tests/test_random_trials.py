@@ -398,8 +398,8 @@ class Trial:
             self.violate(f"after {op.actor}'s clean {op.kind} (op {op.id}) {EXPORT} holds {writer}'s step {step} "
                          f"({MONITOR}={self.metric(writer, step)}), worse than a save ({MONITOR}={best}) that had returned "
                          f"before the step began; record: {record}")
-        if self.record_matches_file and not self._file_ahead_of_record() and (
-                step != record["step"] or self.metric(writer, step) != record["value"]):
+        if self.record_matches_file and (step != record["step"] or self.metric(writer, step) != record["value"]) and (
+                record["version"] == self.checker.storage.version(EXPORT)):  # a mismatch the next reconcile cannot see
             self.violate(f"after {op.actor}'s clean {op.kind} (op {op.id}) {EXPORT} holds {writer}'s step {step} "
                          f"({MONITOR}={self.metric(writer, step)}), but its record names {record['checkpoint']} "
                          f"({MONITOR}={record['value']})")
@@ -415,15 +415,6 @@ class Trial:
                    for event in self.trace.events[op.first_event:]):
                 busy.append(other)
         return busy
-
-    def _file_ahead_of_record(self) -> bool:
-        """The last export written is newer than the last record written: an export that failed after its
-        weights (a refused record write) leaves the file ahead of its record until the next reconcile."""
-        last = {EXPORT: -1, RECORD: -1}
-        for i, event in enumerate(self.trace.events):
-            if event.method == "open_write" and event.path in last and event.done:
-                last[event.path] = i
-        return last[EXPORT] > last[RECORD]
 
     def check_restored(self, op: Op, values: dict[str, Any] | None, target: dict[str, Any]) -> None:
         self._absorb_events()
@@ -502,7 +493,9 @@ def test_seeds_that_found_bugs(store: Any, seed: int, ops: int, tmp_path: Any) -
 @pytest.mark.parametrize("store", ["memory"], indirect=True)
 @pytest.mark.parametrize("seed", RECORD_SEEDS)
 def test_the_export_record_names_the_file(store: Any, seed: int, tmp_path: Any) -> None:
-    """(c') After a clean save or prune, the record names the checkpoint whose weights the file holds."""
+    """(c') After a clean save or prune, the record names the checkpoint whose weights the file holds, or
+    else its version is not the file's, so the next reconcile rewrites it (a concurrent export that failed
+    after its weights, or wrote its record late, leaves that; never a mismatch the record hides)."""
     run_trial(store, seed, tmp_path, ops=14, record_matches_file=True)
 
 
