@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, CorruptCheckpointError, StorageError
+from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, is_tombstone
 from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
 from .storage import TEMP_FILE, FsspecStorage
@@ -125,6 +125,34 @@ def write_checkpoint(
             "folder); the checkpoint was un-committed. Do not let two jobs write the same root"
         )
     return info
+
+
+def check_free(storage: FsspecStorage, found: Scan, step: int, name: str, allow_older: bool) -> None:
+    """Raise unless a save of ``step`` as ``name`` may go ahead on the root ``found`` describes.
+
+    Refused: a committed step or name, a damaged folder of that name, and a step older than
+    the newest committed one unless ``allow_older`` (retention would delete it at once and
+    ``restore()`` would resume from the newer step).
+    """
+    clash = next((i for i in found.committed if i.step == step or i.name == name), None)
+    if clash is not None:
+        raise CheckpointExists(
+            f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
+        )
+    if name in found.corrupt:
+        raise CheckpointExists(unreadable_manifest_message(storage, name))
+    if name in found.broken:
+        raise CheckpointExists(
+            f"{storage.url(name)} holds a manifest whose data file is missing (a save that failed while it "
+            f"committed, or damage); it is removed once idle for abandoned_after, or now with delete({name!r})"
+        )
+    newest = found.committed[-1] if found.committed else None
+    if newest is not None and step < newest.step and not allow_older:
+        raise ConfigError(
+            f"step {step} is older than the newest checkpoint under {storage.url()} (step {newest.step}): retention "
+            f"would treat it as old and restore() would resume from step {newest.step}. A new run needs a new "
+            "root; after a rollback, delete the newer checkpoints first, or pass allow_older=True to keep both"
+        )
 
 
 def _read_if_present(storage: FsspecStorage, path: str) -> bytes | None:

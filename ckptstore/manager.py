@@ -19,7 +19,6 @@ import torch
 
 from . import cleanup, commit, retention
 from .errors import (
-    CheckpointExists,
     CheckpointNotFound,
     CkptStoreError,
     ConfigError,
@@ -151,7 +150,7 @@ class CheckpointManager:
             weights_to_export(tree, self.export_key)
         self.storage.makedirs()
         found = commit.scan(self.storage)
-        self._check_free(found, step, name, allow_older)
+        commit.check_free(self.storage, found, step, name, allow_older)
         try:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
         except StorageError as err:  # leftovers wait for the next save; this one goes on
@@ -162,27 +161,6 @@ class CheckpointManager:
         if self._reconcile_export(committed, (info, tree)):
             self._delete(self._doomed(committed, protect=info.name))
         return info
-
-    def _check_free(self, found: commit.Scan, step: int, name: str, allow_older: bool) -> None:
-        clash = next((i for i in found.committed if i.step == step or i.name == name), None)
-        if clash is not None:
-            raise CheckpointExists(
-                f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
-            )
-        if name in found.corrupt:
-            raise CheckpointExists(commit.unreadable_manifest_message(self.storage, name))
-        if name in found.broken:
-            raise CheckpointExists(
-                f"{self.storage.url(name)} holds a manifest whose data file is missing (a save that failed while it "
-                f"committed, or damage); it is removed once idle for abandoned_after, or now with delete({name!r})"
-            )
-        newest = found.committed[-1] if found.committed else None
-        if newest is not None and step < newest.step and not allow_older:
-            raise ConfigError(
-                f"step {step} is older than the newest checkpoint under {self.root} (step {newest.step}): retention "
-                f"would treat it as old and restore() would resume from step {newest.step}. A new run needs a new "
-                "root; after a rollback, delete the newer checkpoints first, or pass allow_older=True to keep both"
-            )
 
     def _reconcile_export(self, committed: list[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]]) -> bool:
         """Bring the best-model export up to date; False (retention waits) if that failed."""

@@ -14,6 +14,7 @@ Decisions:
   On a local disk that is a same-folder temp file, ``fsync``, ``os.replace`` and an
   ``fsync`` of the folder. On object stores it is fsspec's ``autocommit=False`` file: the
   single PUT or the multipart-complete happens at commit, and an exception aborts the upload.
+  The local half lives in :mod:`ckptstore.localdisk`.
 * **Create-only writes** (``write_new``) are the commit primitive. Local disks use
   ``os.link`` of an fsynced temp file (fails if the name exists, atomically). s3fs sends
   ``If-None-Match: *``; other stores fall back to fsspec's check-then-write.
@@ -32,7 +33,6 @@ import errno
 import os
 import posixpath
 import re
-import uuid
 from datetime import datetime
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -41,6 +41,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
+from . import localdisk
 from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
@@ -198,7 +199,10 @@ class FsspecStorage:
         full = self._full(path)
         self.fs.invalidate_cache(full)
         with self._errors("read", path):
-            return _version_of(self.fs.info(full), local=self.is_local)
+            info = self.fs.info(full)
+        if self.is_local:
+            return localdisk.version_token(os.stat(full))
+        return _version_of(info)
 
     def exists(self, path: str) -> bool:
         """True if the file ``path`` exists (asked of the store, not of a cached listing)."""
@@ -259,7 +263,7 @@ class FsspecStorage:
         full = self._full(path)
         with self._errors("write", path):
             if self.is_local:
-                with _local_atomic_file(full, published) as f:
+                with localdisk.atomic_file(full, published) as f:
                     yield f
                 return
             if isinstance(self.fs, MemoryFileSystem):  # its open() publishes the file at once
@@ -267,7 +271,7 @@ class FsspecStorage:
                 yield memory_file
                 memory_file.commit()  # only a whole file is published
                 if published is not None:
-                    published.append(_version_of({"size": memory_file.size, "created": memory_file.created}, local=False))
+                    published.append(_version_of({"size": memory_file.size, "created": memory_file.created}))
                 return
             part = max(PART_BYTES, -(-size_hint // MAX_PARTS))
             f = self.fs.open(full, "wb", autocommit=False, block_size=part)
@@ -287,7 +291,7 @@ class FsspecStorage:
         full = self._full(path)
         with self._errors("write", path):
             if self.is_local:
-                _local_create_only(full, data)
+                localdisk.create_only(full, data)
             else:
                 self.fs.pipe_file(full, data, mode="create")
 
@@ -329,7 +333,7 @@ class FsspecStorage:
         """Create the root folder on a local disk (object stores have no folders)."""
         if self.is_local:
             with self._errors("write", ""):
-                _make_folder(self.root)
+                localdisk.make_folder(self.root)
 
     # -- errors ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -377,9 +381,9 @@ def _from_client(err: Exception) -> bool:
     return type(err).__module__.partition(".")[0] in _CLIENT_LIBRARIES
 
 
-def _version_of(info: dict[str, Any], *, local: bool) -> str:
-    """The :meth:`FsspecStorage.version` token of a file, from its fsspec ``info``."""
-    keys = ("ino", "mtime") if local else ("generation", "ETag", "etag", "created", "mtime", "LastModified", "updated")
+def _version_of(info: dict[str, Any]) -> str:
+    """The :meth:`FsspecStorage.version` token of a remote or memory:// file, from its fsspec ``info``."""
+    keys = ("generation", "ETag", "etag", "created", "mtime", "LastModified", "updated")
     return ":".join(str(info[k]) for k in ("size", *keys) if info.get(k) is not None)
 
 
@@ -394,69 +398,3 @@ def _mtime(info: dict[str, Any]) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return 0.0  # unknown: treat as old
-
-
-@contextlib.contextmanager
-def _local_atomic_file(final_path: str, published: list[str] | None = None) -> Iterator[IO[bytes]]:
-    """Write a same-folder temp file, fsync it, rename it into place, fsync the folder.
-
-    ``published`` gets the file's version (inode and mtime survive the rename).
-    """
-    folder = os.path.dirname(final_path)
-    _make_folder(folder)
-    tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            st = os.fstat(f.fileno())
-        os.replace(tmp, final_path)
-        if published is not None:
-            published.append(_version_of({"size": st.st_size, "ino": st.st_ino, "mtime": st.st_mtime}, local=True))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def _local_create_only(final_path: str, data: bytes) -> None:
-    """Atomically create ``final_path``; ``os.link`` refuses an existing name."""
-    folder = os.path.dirname(final_path)
-    _make_folder(folder)
-    tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, final_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(folder)
-
-
-def _make_folder(folder: str) -> None:
-    """Create ``folder`` and its missing parents, each made durable by an fsync of its parent.
-
-    Without the parent's fsync a crash can forget a new checkpoint folder, and with it the
-    files that were fsynced inside it.
-    """
-    missing = []
-    path = os.path.abspath(folder)
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    for created in reversed(missing):
-        _fsync_dir(os.path.dirname(created))
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
