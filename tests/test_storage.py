@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ckptstore.storage import open_storage
@@ -47,3 +49,17 @@ def test_read_many_leaves_out_files_deleted_since_they_were_listed(store):
     listed = sorted(storage.list_files())
     storage.delete("a.json")  # another process prunes between our listing and our read
     assert storage.read_many(listed) == {"b.json": b"b"}
+
+
+def test_version_tells_one_write_of_a_file_from_the_next(store):
+    """The export record relies on it: same size, same call twice -> same token; a rewrite -> a new one."""
+    storage = open_storage(store.url, store.storage_options)
+    published: list[str] = []
+    with storage.open_write("f.bin", published=published) as f:
+        f.write(b"a" * 100)
+    first = storage.version("f.bin")
+    assert published == [first] and storage.version("f.bin") == first
+    time.sleep(0.01)  # mtime resolution on local disks
+    with storage.open_write("f.bin", published=published) as f:
+        f.write(b"b" * 100)  # the same size
+    assert published[1] == storage.version("f.bin") != first
