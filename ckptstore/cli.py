@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--monitor")
     prune.add_argument("--mode", choices=["min", "max"], default="min")
     prune.add_argument("--abandoned-after", type=float, default=600.0, metavar="SECONDS",
-                       help="also remove unfinished saves idle this long (0: now; a save still running elsewhere then fails)")
+                       help="remove unfinished saves idle this long by the store's clock and by this run's own, which "
+                            "first sees them now: only 0 removes them in one run (a save still running elsewhere then "
+                            "fails loudly instead of committing)")
     prune.add_argument("--yes", action="store_true", help="really delete")
     prune.set_defaults(func=_cmd_prune)
 
