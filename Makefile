@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-long lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The long randomized trials (minutes): two managers and a pruning evaluator, faults at every call.
+test-long: $(VENV)/.installed
+	$(PY) -m pytest -q -m long
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ckptstore tests

@@ -453,6 +453,7 @@ def _enforce_create_only(storage: Any) -> None:
 FAST_SEEDS = [1, 2, 3]
 REMOTE_SEED = 2  # one seed each on s3 and gcs (gcs seed 1 is in FOUND_BUGS)
 SLOW_SEEDS = range(100, 130)
+LONG_SEEDS = range(130, 430)  # `make test-long`: the sweep that found seeds 148, 207, 305, 309, 317, 504, 535
 
 # Seeds whose trials found bugs (see the module docstring), on local and memory unless stores are named.
 FOUND_BUGS = [(117, 14), (304, 14), (312, 14), (244, 14), (155, 14), (1, 10, ["gcs"]), (148, 14), (317, 14), (309, 14)]
@@ -504,6 +505,14 @@ def test_the_export_record_names_the_file(store: Any, seed: int, tmp_path: Any) 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
 def test_random_trial_many_seeds(store: Any, seed: int, tmp_path: Any) -> None:
     run_trial(store, seed, tmp_path, ops=14)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("store", ["local", "memory"], indirect=True)
+@pytest.mark.parametrize("seed", LONG_SEEDS)
+def test_random_trial_long_sweep(store: Any, seed: int, tmp_path: Any) -> None:
+    """300 more seeds per store, with the record checked against the file too (a few minutes)."""
+    run_trial(store, seed, tmp_path, ops=14, record_matches_file=True)
 
 
 def test_a_seed_reproduces_its_run(tmp_path: Any) -> None:
