@@ -96,15 +96,15 @@ def write_checkpoint(
     """
     manifest_path = f"{name}/{MANIFEST_NAME}"
     data_name = f"state-{uuid.uuid4().hex[:8]}{fmt.extension}"
+    data_path = f"{name}/{data_name}"
     size_hint = sum(t.numel() * t.element_size() for t in iter_tensors(tree))
-    with storage.open_write(f"{name}/{data_name}", size_hint) as raw:
+    with storage.open_write(data_path, size_hint) as raw:
         out = ChecksumWriter(raw)
         fmt.write(tree, out)
     info = CheckpointInfo(
         name=name, step=step, format=fmt.name, metrics=dict(metrics),
         files=(FileEntry(data_name, out.size, out.crc),), url=storage.url(name),
     )
-    data_path = f"{name}/{data_name}"
     try:
         storage.write_new(manifest_path, info.to_json())
     except FileExistsError as err:
@@ -119,7 +119,7 @@ def write_checkpoint(
             raise  # not committed; the data file is an unfinished save, removed once idle
         log.info("%s: the manifest write failed after it was stored; the manifest there is ours", info.url)
     if not storage.exists(data_path):  # removed under us by a concurrent cleanup
-        storage.delete(manifest_path)
+        delete_manifest_if(storage, name, lambda data: _names_our_file(data, info.files[0]))
         raise StorageError(
             f"{storage.url(name)}: the data file vanished while committing (another process cleaned the "
             "folder); the checkpoint was un-committed. Do not let two jobs write the same root"
