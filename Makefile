@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 
 # The long randomized trials (minutes): two managers and a pruning evaluator, faults at every call.
 test-long: $(VENV)/.installed
-	$(PY) -m pytest -q -m long
+	$(PY) -m pytest -q --long -m long
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ckptstore tests

@@ -17,8 +17,9 @@ emulator is wiped (GET /wipe); each test also gets a fresh bucket name, and the 
 of every cached s3fs/gcsfs instance are invalidated so a reset server never shows stale entries.
 The local roots (``tmp_path/"root"``) do not exist yet: code under test must create them.
 
-Markers: ``long`` (minutes; deselected unless ``-m long``: ``make test-long``), ``slow`` (deselect with ``-m "not slow"``) and ``remote`` (every s3/gcs param carries
-it, so ``-m "not remote"`` runs without servers). See docs/backend-notes.md for the backend quirks.
+Markers: ``long`` (minutes; skipped unless ``--long``: ``make test-long``), ``slow`` (deselect
+with ``-m "not slow"``) and ``remote`` (every s3/gcs param carries it, so ``-m "not remote"``
+runs without servers). See docs/backend-notes.md for the backend quirks.
 """
 
 from __future__ import annotations
@@ -268,9 +269,22 @@ def remote_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Stor
 _saved_flag: list[str | None] = []
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="also run the minutes-long trials (marker: long)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="a long trial: run with --long (make test-long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
-    config.addinivalue_line("markers", "long: minutes-long trials, run by `make test-long` only (deselected by default)")
+    config.addinivalue_line("markers", "long: minutes-long trials, run only with --long (make test-long)")
     config.addinivalue_line("markers", "remote: runs against the moto or GCS emulator server; deselect with -m 'not remote'")
     # gcsfs reads the flag when it is first imported, which can happen long before gcs_endpoint
     # runs (at collection, or in a child process), so it is set for the whole session.
