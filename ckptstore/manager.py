@@ -139,7 +139,9 @@ class CheckpointManager:
             ConfigError: ``step`` is older than the newest committed step (see above), or
                 ``state[export_key]`` is not exportable.
             UnsupportedValueError: a value in ``state`` cannot be stored without pickle.
-            StorageError: the store refused the write; earlier checkpoints are intact.
+            StorageError: the store refused the write; earlier checkpoints are intact. (If the
+                commit's reply and the read that checks it both failed, the checkpoint may yet be
+                committed, whole: ``latest()`` tells.)
         """
         if type(step) is not int or step < 0:
             raise ConfigError(f"`step` must be an int >= 0, got {step!r}")
