@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import files
 from .convert import convert
-from .errors import CkptStoreError, CorruptCheckpointError
+from .errors import CkptStoreError, ConfigError, CorruptCheckpointError
 from .manager import CheckpointManager
 from .partial import describe
 from .serializers import TREE_METADATA_KEY
@@ -143,9 +143,12 @@ def _print_tree(value: Any, indent: str) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
-    mgr = CheckpointManager(args.url, storage_options=options)
-    with _progress("verify") as progress:
-        results = mgr.verify(progress)
+    try:
+        mgr = CheckpointManager(args.url, storage_options=options)
+        with _progress("verify") as progress:
+            results = mgr.verify(progress)
+    except ConfigError:  # the URL is a checkpoint folder or a file, not a root
+        results = {}
     if not results:  # not a checkpoint root: one checkpoint folder, or a single file
         parent, name = posixpath.split(args.url.rstrip("/"))
         results = {k: v for k, v in CheckpointManager(parent or ".", storage_options=options).verify().items() if k == name}

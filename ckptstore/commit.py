@@ -32,6 +32,7 @@ can share a prefix with logs.
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -211,6 +212,10 @@ def scan(storage: FsspecStorage) -> Scan:
         texts = storage.read_many(manifests)
         if len(texts) == len(manifests):
             break
+    if MANIFEST_NAME in at_root:
+        parent = posixpath.dirname(storage.url().rstrip("/"))
+        raise ConfigError(f"{storage.url()} is a checkpoint folder (it holds {MANIFEST_NAME}), not a root of "
+                          f"checkpoints; use its parent: CheckpointManager({parent!r})")
     committed: list[CheckpointInfo] = []
     corrupt: dict[str, tuple[str, ...]] = {}
     claimed: dict[str, bytes] = {}

@@ -9,6 +9,7 @@ memory of past saves: every decision is made from what the root holds, so a rest
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import time
@@ -97,6 +98,7 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.storage = open_storage(root, storage_options)
         self.storage.check_bucket()
+        self.storage.check_not_a_file()
         self._export = BestExport(self.storage, export_best, export_key, monitor, mode) if export_best and monitor else None
         self._idle = cleanup.IdleClock()
 
@@ -143,10 +145,9 @@ class CheckpointManager:
                 commit's reply and the read that checks it both failed, the checkpoint may yet be
                 committed, whole: ``latest()`` tells.)
         """
-        if type(step) is not int or step < 0:
-            raise ConfigError(f"`step` must be an int >= 0, got {step!r}")
+        step = _step(step)
         name = self._check_name(name or f"step_{step:08d}")
-        values = {k: float(v) for k, v in (metrics or {}).items()}
+        values = _metric_values(metrics or {})
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
         if self._export is not None:
             weights_to_export(tree, self.export_key)
@@ -290,7 +291,8 @@ class CheckpointManager:
         device; ``map_location`` places the saved tensors that have no live counterpart.
 
         ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
-        warning), ``"best"``, a step number or a checkpoint name. ``verify`` checks the
+        warning; None, with a warning naming the root, when there is none), ``"best"``, a
+        step number or a checkpoint name (CheckpointNotFound when absent, also on an empty root). ``verify`` checks the
         CRC32C before any live byte changes (remote checkpoints are first downloaded to a
         local temporary file, checked on the way).
 
@@ -303,7 +305,8 @@ class CheckpointManager:
             self._check_name(which)
         found = commit.scan(self.storage)
         infos = found.committed
-        if not infos:
+        if which == "latest" and not infos:
+            log.warning("no checkpoint under %s: starting fresh (if you meant to resume, check the root)", self.root)
             return None
         if which != "latest":
             try:
@@ -390,3 +393,27 @@ class CheckpointManager:
         """Checkpoints with a finite ``monitor`` value, best first ([] without a monitor)."""
         monitor = self.policy.monitor
         return retention.ranked_best(infos, monitor, self.policy.mode) if monitor else []
+
+
+def _step(step: Any) -> int:
+    """``step`` as an int >= 0: any integral (``numpy.int64``, a 0-d integer tensor), not a bool."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        value = operator.index(step)
+    except TypeError:
+        raise ConfigError(f"`step` must be an integer >= 0, got {step!r}") from None
+    if value < 0:
+        raise ConfigError(f"`step` must be an integer >= 0, got {step!r}")
+    return value
+
+
+def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as floats (numbers, 0-d tensors, numpy scalars); a ConfigError names any other."""
+    values = {}
+    for key, value in metrics.items():
+        try:
+            values[str(key)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(f"metric {key!r} must be a number, got {value!r}") from None
+    return values

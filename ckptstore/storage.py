@@ -42,12 +42,13 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from . import localdisk
-from .errors import CheckpointNotFound, InvalidNameError, MissingDependency, StorageError
+from .errors import CheckpointNotFound, ConfigError, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
 # The temp files of local atomic writes: ".<final name>.<12 hex>.tmp", in the final file's folder.
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
+_ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/([^/].*)$")  # "s3:/bucket": not a drive letter ("C:/")
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -60,6 +61,10 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         'memory://doc/open_storage/a.bin'
     """
     url = os.fspath(url)
+    one_slash = _ONE_SLASH.match(url)
+    if one_slash:  # fsspec would take "s3:/b/x" for a local folder named "s3:"
+        scheme, rest = one_slash.groups()
+        raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as err:
@@ -328,6 +333,14 @@ class FsspecStorage:
             raise StorageError(
                 f"bucket {bucket!r} of {self.root_url} does not exist; create it or fix the URL"
             ) from err.__cause__
+
+    def check_not_a_file(self) -> None:
+        """Raise ConfigError if the root is a file (a root is a folder of checkpoints)."""
+        with self._errors("reach", ""):
+            is_file = self.fs.isfile(self.root)
+        if is_file:
+            parent = posixpath.dirname(self.root_url.rstrip("/"))
+            raise ConfigError(f"{self.root_url} is a file, not a folder of checkpoints; did you mean its folder {parent}?")
 
     def makedirs(self) -> None:
         """Create the root folder on a local disk (object stores have no folders)."""

@@ -1,0 +1,90 @@
+"""Ordinary mistakes get a clear error or warning, never a silent wrong result (issue 10, points 1, 2, 5)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ckptstore import CheckpointManager, CheckpointNotFound, ConfigError, InvalidNameError, StateMismatchError
+from ckptstore.storage import open_storage
+
+
+def manager(store, url=None, **kwargs):
+    return CheckpointManager(url or store.url, storage_options=store.storage_options, **kwargs)
+
+
+@pytest.mark.parametrize("which", [5, "step_00000005", "best"])
+def test_asking_for_a_checkpoint_that_is_not_there_raises_also_on_an_empty_root(store, which):
+    mgr = manager(store, monitor="val_loss")
+    with pytest.raises(CheckpointNotFound, match=str(store.url)):
+        mgr.restore(which=which)
+    mgr.save({"x": 1}, step=1)  # no val_loss: "best" has nothing to rank
+    with pytest.raises(CheckpointNotFound):
+        mgr.restore(which=which)
+
+
+def test_an_empty_root_starts_fresh_and_says_where_it_looked(store, caplog):
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        assert manager(store).restore() is None
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ckptstore"]
+    assert "starting fresh" in line and store.url in line
+
+
+def test_a_checkpoint_folder_given_as_the_root_is_refused_and_nothing_nests_in_it(store):
+    manager(store).save({"x": 1}, step=7)
+    inside = manager(store, store.join("step_00000007"))
+    for call in (inside.restore, inside.checkpoints, lambda: inside.save({"x": 2}, step=0)):
+        with pytest.raises(ConfigError, match=r"is a checkpoint folder.*use its parent") as err:
+            call()
+        assert store.url in str(err.value)
+    assert [c.step for c in manager(store).checkpoints()] == [7]
+    assert open_storage(store.url, store.storage_options).list_files().keys() >= {"step_00000007/manifest.json"}
+    assert not any(p.startswith("step_00000007/step_") for p in open_storage(store.url, store.storage_options).list_files())
+
+
+def test_a_file_given_as_the_root_is_refused(store):
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write("weights.safetensors") as f:
+        f.write(b"not a folder")
+    with pytest.raises(ConfigError, match=r"is a file, not a folder of checkpoints; did you mean its folder"):
+        manager(store, store.join("weights.safetensors"))
+
+
+@pytest.mark.parametrize("url", ["s3:/bucket/run", "gs:/bucket/run", "memory:/run"])
+def test_a_scheme_with_one_slash_is_refused_instead_of_becoming_a_local_folder(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidNameError, match=r"one slash .* did you mean \w+://"):
+        CheckpointManager(url).save({"x": 1}, step=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restoring_into_a_smaller_model_names_the_keys_and_changes_nothing(store):
+    manager(store).save({"model": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))}, step=0)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=r"unexpected keys \['1.weight', '1.bias'\]"):
+        manager(store).restore({"model": small})
+    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [{"val_loss": "low"}, {"val_loss": None}, {"val_loss": torch.ones(2)}])
+def test_a_metric_that_is_not_a_number_is_a_config_error_before_any_write(store, bad):
+    mgr = manager(store)
+    with pytest.raises(ConfigError, match=r"metric 'val_loss' must be a number"):
+        mgr.save({"x": 1}, step=0, metrics=bad)
+    assert open_storage(store.url, store.storage_options).list_files() == {}
+
+
+@pytest.mark.parametrize("step", [np.int64(3), torch.tensor(3), 3])
+def test_any_integral_step_is_accepted(store, step):
+    assert manager(store).save({"x": 1}, step=step, metrics={"loss": np.float32(0.5)}).step == 3
+
+
+@pytest.mark.parametrize("step", [True, 2.0, -1, torch.tensor(2.0), "3"])
+def test_a_step_that_is_not_a_nonnegative_integer_is_refused(store, step):
+    with pytest.raises(ConfigError, match="`step` must be an integer >= 0"):
+        manager(store).save({"x": 1}, step=step)
