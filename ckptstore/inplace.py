@@ -114,9 +114,12 @@ def restore_into(target: dict[str, Any] | None, loaded: dict[str, Any]) -> dict[
 def restore_checkpoint(
     storage: FsspecStorage, info: CheckpointInfo, target: dict[str, Any] | None, *,
     map_location: MapLocation = None, weights_only: bool = True, verify: bool = True,
-    max_buffer: int = DEFAULT_MAX_BUFFER,
+    max_buffer: int = DEFAULT_MAX_BUFFER, strict: bool = True,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Restore checkpoint ``info`` into ``target``, streaming tensor bytes into live tensors.
+
+    ``strict``: an entry of ``target`` that the checkpoint lacks is a StateMismatchError
+    (before anything changes); with ``strict=False`` it is left as it is, with a warning.
 
     Returns what :func:`restore_into` returns, and a report: ``loaded`` lists the saved keys
     that landed in live memory; ``bytes_read``/``requests`` count the reads of the data file
@@ -125,7 +128,8 @@ def restore_checkpoint(
     Raises:
         CorruptCheckpointError: the data file is missing, resized, damaged, fails its CRC32C,
             or was deleted before the restore could open and plan it.
-        StateMismatchError: a saved value does not fit the live one, or a Stateful refused it.
+        StateMismatchError: a saved value does not fit the live one, a Stateful refused it,
+            or (``strict``) the checkpoint lacks an entry of ``target``.
     """
     path, entry = commit.data_file(storage, info)
     crc = entry.crc32c if verify else None
@@ -134,19 +138,20 @@ def restore_checkpoint(
         with _vanishing(storage.url(path)):
             f = open(local, "rb")  # noqa: SIM115 - the one descriptor of this restore, closed below
         with f:
-            return _restore(storage, path, f, crc, info, target, map_location, weights_only, max_buffer)
+            return _restore(storage, path, f, crc, info, target, map_location, weights_only, max_buffer, strict)
     with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:  # remote: a checked local copy first
         name = posixpath.basename(path)
         with open(os.path.join(folder, name), "w+b") as copy_file:
             with _vanishing(storage.url(path)):
                 read_checked(Source(storage, path, entry.size), crc, copy_to=copy_file)
             copy_file.flush()
-            return _restore(open_storage(folder), name, copy_file, None, info, target, map_location, weights_only, max_buffer)
+            return _restore(open_storage(folder), name, copy_file, None, info, target, map_location, weights_only, max_buffer,
+                            strict)
 
 
 def _restore(
     data: FsspecStorage, path: str, f: IO[bytes], crc: int | None, info: CheckpointInfo,
-    target: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, max_buffer: int,
+    target: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, max_buffer: int, strict: bool,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Restore from ``data``'s local file ``path``, open as ``f``; its CRC32C is checked through
     ``f`` unless ``crc`` is None (already checked)."""
@@ -164,7 +169,7 @@ def _restore(
         with _vanishing(where):
             loaded = get_format(info.format).read(Source(data, path, size), map_location, weights_only, None)
             _same_file(f, where)
-        return restore_into(target, _checked_dict(loaded, info)), LoadReport()
+        return restore_into(target, _asked_for(target, _checked_dict(loaded, info), strict, info)), LoadReport()
 
     sources = planned.sources
     needed: dict[str, None] = {}  # saved keys the tree refers to, in order
@@ -176,7 +181,8 @@ def _restore(
         return Marker(key, sources[key].shape)
 
     checks = _Steps()
-    _walk_entries(target, _checked_dict(planned.build(mark), info), checks)  # raises before any byte is read
+    saved = _asked_for(target, _checked_dict(planned.build(mark), info), strict, info)
+    _walk_entries(target, saved, checks)  # raises before any byte is read
     shared = {m.key for _, saved, _ in checks.opaque for m in _markers(saved)}  # loaded before the bytes land
     direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)
     fresh = {k: scratch(sources[k]) for k in needed if k not in direct}
@@ -229,6 +235,19 @@ def _check_open_file(f: IO[bytes], size: int, crc: int | None, where: str) -> No
     for start in range(0, size, len(buffer)):
         stream.readinto(buffer[: min(len(buffer), size - start)])
     check_crc(stream.crc, crc, where)
+
+
+def _asked_for(target: dict[str, Any] | None, saved: dict[str, Any], strict: bool, info: CheckpointInfo) -> dict[str, Any]:
+    """``saved``, once every entry of ``target`` is in it (``strict``), else a StateMismatchError naming the others."""
+    missing = sorted(str(k) for k in (target or {}) if k not in saved)
+    if missing and strict:
+        raise StateMismatchError(
+            f"{info.url} holds no {missing} (it holds {sorted(map(str, saved))}); nothing was restored. "
+            "Pass strict=False to restore the rest and leave those as they are"
+        )
+    if missing:
+        log.warning("%s holds no %s: left as they are (strict=False)", info.url, missing)
+    return saved
 
 
 def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:

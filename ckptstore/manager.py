@@ -278,6 +278,7 @@ class CheckpointManager:
         map_location: MapLocation = None,
         weights_only: bool = True,
         verify: bool = True,
+        strict: bool = True,
     ) -> dict[str, Any] | None:
         """Restore a checkpoint into ``state`` in place; return the other saved values.
 
@@ -294,7 +295,9 @@ class CheckpointManager:
         warning; None, with a warning naming the root, when there is none), ``"best"``, a
         step number or a checkpoint name (CheckpointNotFound when absent, also on an empty root). ``verify`` checks the
         CRC32C before any live byte changes (remote checkpoints are first downloaded to a
-        local temporary file, checked on the way).
+        local temporary file, checked on the way). ``strict``: an entry of ``state`` that the
+        checkpoint lacks (an optimizer the run did not save) is an error, before anything
+        changes; ``strict=False`` leaves such entries as they are and logs their names.
 
         Raises:
             CorruptCheckpointError: the checkpoint asked for (or, for "latest", every one) is damaged.
@@ -318,11 +321,11 @@ class CheckpointManager:
                         f"{self.storage.url(folder)} is unusable: its manifest's data file is missing"
                     ) from None
                 raise
-            return self._restore_one(info, state, map_location, weights_only, verify)
+            return self._restore_one(info, state, map_location, weights_only, verify, strict)
         tried: dict[str, str] = {}
         while todo := [i for i in retention.newest_first(infos) if i.name not in tried]:
             try:
-                return self._restore_one(todo[0], state, map_location, weights_only, verify)
+                return self._restore_one(todo[0], state, map_location, weights_only, verify, strict)
             except CorruptCheckpointError as err:
                 log.warning("checkpoint %s is unusable, trying the one before: %s", todo[0].name, err)
                 tried[todo[0].name] = str(err)
@@ -331,9 +334,10 @@ class CheckpointManager:
 
     def _restore_one(
         self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
+        strict: bool,
     ) -> dict[str, Any]:
         values, report = restore_checkpoint(
-            self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify
+            self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify, strict=strict
         )
         log.info("restored %s: %d bytes read in %d requests, %d tensors straight into live memory",
                  info.url, report.bytes_read, report.requests, len(report.loaded))

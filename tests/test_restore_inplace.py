@@ -298,7 +298,7 @@ def test_a_fallback_from_a_damaged_latest_leaves_nothing_of_it_behind(store, fmt
     with storage.open_write(path) as f:
         f.write(bytes(data))
     ema = torch.zeros(1024)
-    assert mgr.restore({"model": nn.Linear(2, 2), "ema": ema}) == {}
+    assert mgr.restore({"model": nn.Linear(2, 2), "ema": ema}, strict=False) == {}  # step 1 holds no ema
     assert torch.equal(ema, torch.zeros(1024))
 
 

@@ -88,3 +88,21 @@ def test_any_integral_step_is_accepted(store, step):
 def test_a_step_that_is_not_a_nonnegative_integer_is_refused(store, step):
     with pytest.raises(ConfigError, match="`step` must be an integer >= 0"):
         manager(store).save({"x": 1}, step=step)
+
+
+def test_an_entry_asked_for_but_never_saved_is_an_error_unless_not_strict(store, caplog):
+    """The optimizer would silently start fresh: by default that is an error naming it, before anything changes."""
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(4, 2)
+    manager(store).save({"model": saved, "epoch": 3}, step=3)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=r"holds no \['optimizer'\] \(it holds \['epoch', 'model'\]\).*strict=False"):
+        manager(store).restore({"model": model, "optimizer": optimizer})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        values = manager(store).restore({"model": model, "optimizer": optimizer}, strict=False)
+    assert values == {"epoch": 3} and torch.equal(model.weight, saved.weight)
+    assert any("['optimizer']" in r.getMessage() and "strict=False" in r.getMessage() for r in caplog.records)
+    assert optimizer.state_dict()["state"] == {}  # left as it was
