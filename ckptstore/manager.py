@@ -8,6 +8,7 @@ memory of past saves: every decision is made from what the root holds, so a rest
 
 from __future__ import annotations
 
+import difflib
 import logging
 import operator
 import os
@@ -148,6 +149,11 @@ class CheckpointManager:
         step = _step(step)
         name = self._check_name(name or f"step_{step:08d}")
         values = _metric_values(metrics or {})
+        monitor = self.policy.monitor
+        if monitor and monitor not in values:  # legitimate (a preemption save mid-epoch), or a typo
+            close = difflib.get_close_matches(monitor, list(values), n=1)
+            log.warning("step %d is saved without the monitored metric %r (its metrics: %s)%s; it cannot rank as best",
+                        step, monitor, sorted(values) or "none", f"; did you mean {close[0]!r}?" if close else "")
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
         if self._export is not None:
             weights_to_export(tree, self.export_key)

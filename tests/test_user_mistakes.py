@@ -106,3 +106,12 @@ def test_an_entry_asked_for_but_never_saved_is_an_error_unless_not_strict(store,
     assert values == {"epoch": 3} and torch.equal(model.weight, saved.weight)
     assert any("['optimizer']" in r.getMessage() and "strict=False" in r.getMessage() for r in caplog.records)
     assert optimizer.state_dict()["state"] == {}  # left as it was
+
+
+def test_a_save_without_the_monitored_metric_says_so_and_suggests_the_closest(store, caplog):
+    mgr = manager(store, monitor="val_los", keep_best=1)
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        mgr.save({"x": 1}, step=1, metrics={"val_loss": 0.5, "acc": 0.9})
+    assert any("without the monitored metric 'val_los'" in r.getMessage() and "did you mean 'val_loss'?" in r.getMessage()
+               for r in caplog.records)
+    assert mgr.best() is None  # as documented: nothing ranks without the metric
