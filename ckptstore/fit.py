@@ -10,12 +10,16 @@ snapshots and undoes them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import StateMismatchError
+from .manifest import CheckpointInfo
+
+log = logging.getLogger("ckptstore")
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,16 @@ def loads_as_torch(optimizer: torch.optim.Optimizer) -> bool:
     hooks = (optimizer._optimizer_state_dict_pre_hooks, optimizer._optimizer_state_dict_post_hooks,
              optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks)
     return cls.state_dict is base.state_dict and cls.load_state_dict is base.load_state_dict and not any(hooks)
+
+
+def check_entries(target: dict[str, Any] | None, saved: dict[str, Any], strict: bool, info: CheckpointInfo) -> dict[str, Any]:
+    """``saved``, once every entry of ``target`` is in it (``strict``), else a StateMismatchError naming the others."""
+    missing = sorted(str(k) for k in (target or {}) if k not in saved)
+    if missing and strict:
+        raise StateMismatchError(
+            f"{info.url} holds no {missing} (it holds {sorted(map(str, saved))}); nothing was restored. "
+            "Pass strict=False to restore the rest and leave those as they are"
+        )
+    if missing:
+        log.warning("%s holds no %s: left as they are (strict=False)", info.url, missing)
+    return saved

@@ -76,7 +76,7 @@ from torch.nn.parameter import is_lazy
 
 from . import commit
 from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
-from .fit import Marker, check_module, check_optimizer, check_tensor, loads_as_torch, loads_key_for_key
+from .fit import Marker, check_entries, check_module, check_optimizer, check_tensor, loads_as_torch, loads_key_for_key
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
 from .serializers import CHUNK_BYTES, ChecksumReader, MapLocation, Source, check_crc, get_format, place, read_checked
@@ -169,7 +169,7 @@ def _restore(
         with _vanishing(where):
             loaded = get_format(info.format).read(Source(data, path, size), map_location, weights_only, None)
             _same_file(f, where)
-        return restore_into(target, _asked_for(target, _checked_dict(loaded, info), strict, info)), LoadReport()
+        return restore_into(target, check_entries(target, _checked_dict(loaded, info), strict, info)), LoadReport()
 
     sources = planned.sources
     needed: dict[str, None] = {}  # saved keys the tree refers to, in order
@@ -181,7 +181,7 @@ def _restore(
         return Marker(key, sources[key].shape)
 
     checks = _Steps()
-    saved = _asked_for(target, _checked_dict(planned.build(mark), info), strict, info)
+    saved = check_entries(target, _checked_dict(planned.build(mark), info), strict, info)
     _walk_entries(target, saved, checks)  # raises before any byte is read
     shared = {m.key for _, saved, _ in checks.opaque for m in _markers(saved)}  # loaded before the bytes land
     direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)
@@ -235,19 +235,6 @@ def _check_open_file(f: IO[bytes], size: int, crc: int | None, where: str) -> No
     for start in range(0, size, len(buffer)):
         stream.readinto(buffer[: min(len(buffer), size - start)])
     check_crc(stream.crc, crc, where)
-
-
-def _asked_for(target: dict[str, Any] | None, saved: dict[str, Any], strict: bool, info: CheckpointInfo) -> dict[str, Any]:
-    """``saved``, once every entry of ``target`` is in it (``strict``), else a StateMismatchError naming the others."""
-    missing = sorted(str(k) for k in (target or {}) if k not in saved)
-    if missing and strict:
-        raise StateMismatchError(
-            f"{info.url} holds no {missing} (it holds {sorted(map(str, saved))}); nothing was restored. "
-            "Pass strict=False to restore the rest and leave those as they are"
-        )
-    if missing:
-        log.warning("%s holds no %s: left as they are (strict=False)", info.url, missing)
-    return saved
 
 
 def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:

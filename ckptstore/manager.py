@@ -8,24 +8,20 @@ memory of past saves: every decision is made from what the root holds, so a rest
 
 from __future__ import annotations
 
-import difflib
 import logging
-import operator
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from . import cleanup, commit, retention
+from . import arguments, cleanup, commit, retention
 from .errors import (
     CheckpointNotFound,
     CkptStoreError,
     ConfigError,
     CorruptCheckpointError,
-    InvalidNameError,
     StorageError,
 )
 from .export import BestExport, weights_to_export
@@ -39,7 +35,6 @@ from .tree import canonicalize
 log = logging.getLogger("ckptstore")
 
 Which = str | int
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class CheckpointManager:
@@ -146,14 +141,9 @@ class CheckpointManager:
                 commit's reply and the read that checks it both failed, the checkpoint may yet be
                 committed, whole: ``latest()`` tells.)
         """
-        step = _step(step)
-        name = self._check_name(name or f"step_{step:08d}")
-        values = _metric_values(metrics or {})
-        monitor = self.policy.monitor
-        if monitor and monitor not in values:  # legitimate (a preemption save mid-epoch), or a typo
-            close = difflib.get_close_matches(monitor, list(values), n=1)
-            log.warning("step %d is saved without the monitored metric %r (its metrics: %s)%s; it cannot rank as best",
-                        step, monitor, sorted(values) or "none", f"; did you mean {close[0]!r}?" if close else "")
+        step = arguments.step(step)
+        name = arguments.checkpoint_name(name or f"step_{step:08d}")
+        values = arguments.metrics(metrics or {}, self.policy.monitor, step)
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
         if self._export is not None:
             weights_to_export(tree, self.export_key)
@@ -311,7 +301,7 @@ class CheckpointManager:
                 (before any tensor byte is read).
         """
         if isinstance(which, str) and which not in ("latest", "best"):
-            self._check_name(which)
+            arguments.checkpoint_name(which)
         found = commit.scan(self.storage)
         infos = found.committed
         if which == "latest" and not infos:
@@ -381,7 +371,7 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             match = [i for i in infos if i.step == which]
         elif isinstance(which, str):
-            match = [i for i in infos if i.name == self._check_name(which)]
+            match = [i for i in infos if i.name == arguments.checkpoint_name(which)]
         else:
             raise ConfigError(f"`which` must be 'latest', 'best', a step or a name, got {which!r}")
         if not match:
@@ -389,41 +379,7 @@ class CheckpointManager:
             raise CheckpointNotFound(f"no committed checkpoint {which!r} under {self.root} (steps: {known})")
         return match[-1]
 
-    @staticmethod
-    def _check_name(name: str) -> str:
-        check_relative_path(name)
-        if not _NAME.match(name) or name.endswith((".tmp", ".json")):
-            raise InvalidNameError(
-                f"checkpoint name {name!r} must be one path segment of letters, digits, '.', '_' or '-' "
-                "(no '/', '..', URL scheme or leading dot), like 'step_00000010'"
-            )
-        return name
-
     def _ranked(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
         """Checkpoints with a finite ``monitor`` value, best first ([] without a monitor)."""
         monitor = self.policy.monitor
         return retention.ranked_best(infos, monitor, self.policy.mode) if monitor else []
-
-
-def _step(step: Any) -> int:
-    """``step`` as an int >= 0: any integral (``numpy.int64``, a 0-d integer tensor), not a bool."""
-    try:
-        if isinstance(step, bool):
-            raise TypeError
-        value = operator.index(step)
-    except TypeError:
-        raise ConfigError(f"`step` must be an integer >= 0, got {step!r}") from None
-    if value < 0:
-        raise ConfigError(f"`step` must be an integer >= 0, got {step!r}")
-    return value
-
-
-def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Metrics as floats (numbers, 0-d tensors, numpy scalars); a ConfigError names any other."""
-    values = {}
-    for key, value in metrics.items():
-        try:
-            values[str(key)] = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise ConfigError(f"metric {key!r} must be a number, got {value!r}") from None
-    return values
