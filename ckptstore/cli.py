@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import files
+from . import __version__, files
 from .convert import convert
 from .errors import CkptStoreError, ConfigError, CorruptCheckpointError
 from .manager import CheckpointManager
@@ -30,12 +30,10 @@ from .serializers import TREE_METADATA_KEY
 
 
 def _storage_options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parse as JSON when they can (numbers, booleans, objects)."""
+    """``key=value`` pairs (checked by :func:`_key_value`); values parse as JSON when they can."""
     options: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--storage-option takes key=value, got {pair!r}")
+        key, _, value = pair.partition("=")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -43,9 +41,18 @@ def _storage_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _key_value(pair: str) -> str:
+    """An argparse type: ``key=value`` (a usage error, exit 2, otherwise)."""
+    if "=" not in pair:
+        raise argparse.ArgumentTypeError(f"takes key=value, got {pair!r}")
+    return pair
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode, storage_options=_storage_options(args.storage_option))
     infos = mgr.checkpoints()
+    if not infos and not mgr.storage.list_files():
+        raise CkptStoreError(f"nothing under {mgr.root}: no such folder or prefix (or an empty one); check the URL")
     latest, best = mgr.latest(), mgr.best()
     leftovers = mgr.uncommitted() if args.all else {}
     if args.json:
@@ -232,12 +239,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptstore", description="Save, list and restore PyTorch checkpoints on any fsspec store.")
+    parser.add_argument("--version", action="version", version=f"ckptstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str, example: str, *, json_output: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                        help="passed to fsspec (repeatable), e.g. client_kwargs='{\"endpoint_url\": \"http://...\"}'")
         if json_output:
             p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -218,3 +218,18 @@ def test_inspect_text_outlines_the_state(tmp_path):
     assert "state:" in lines and "  epoch: 7" in lines and "        betas: [0.9, 0.999]" in lines
     assert "  loss_history: [0.0, 1.0, 2.0, ... 20 values]" in lines
     assert "model/weight" in out.stdout and "2 tensors, 24 B" in out.stdout
+
+
+def test_cli_edges_are_usage_errors_or_one_line(tmp_path, capsys):
+    """Issue 10, point 6 (part): a bad --storage-option is a usage error (exit 2, no traceback),
+    ls of a root with nothing under it is one line and exit 1, --version answers."""
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("ckptstore 0.")
+    with pytest.raises(SystemExit) as done:
+        main(["ls", str(tmp_path), "--storage-option", "foo"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "takes key=value, got 'foo'" in err and "Traceback" not in err
+    assert main(["ls", str(tmp_path / "no-such-run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ckptstore: error: nothing under") and err.count("\n") == 1
