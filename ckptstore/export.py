@@ -15,10 +15,10 @@ export at once, each deciding from a listing that may be stale by the time it wr
 write is followed by another round on a fresh listing (a few rounds at most): it rewrites the
 export if a better checkpoint appeared or the file is no longer the one its record describes.
 An export costs one more listing; a save that exports nothing costs one small read and a
-HEAD of the export. A kill or an error during the
-export therefore costs one rewrite on the next save, never a stale export; and a worse model
-never replaces a better one that retention has pruned, since the record keeps its metric.
-The weights file is written first and the record last, each atomically.
+HEAD of the export. A kill or an error during the export costs one rewrite on the next save,
+never a stale export; and a worse model never replaces a better one that retention has
+pruned, since the record keeps its metric. The weights file is written first and the record
+last, each atomically.
 
 Repairing from a stored checkpoint reads that checkpoint whole (the rare path); the export of
 the checkpoint just saved uses the state in memory.

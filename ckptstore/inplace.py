@@ -82,7 +82,7 @@ from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
 from .serializers import CHUNK_BYTES, ChecksumReader, MapLocation, Source, check_crc, get_format, place, read_checked
 from .storage import FsspecStorage, open_storage
 from .transfer import SourceTensor, Transfer, byte_view, landable, scratch, shaped
-from .tree import decanonicalize, is_stateful
+from .tree import decanonicalize, is_stateful, leaves
 
 log = logging.getLogger("ckptstore")
 
@@ -183,7 +183,7 @@ def _restore(
     checks = _Steps()
     saved = check_entries(target, _checked_dict(planned.build(mark), info), strict, info)
     _walk_entries(target, saved, checks)  # raises before any byte is read
-    shared = {m.key for _, saved, _ in checks.opaque for m in _markers(saved)}  # loaded before the bytes land
+    shared = {m.key for _, saved, _ in checks.opaque for m in leaves(saved, Marker)}  # loaded before the bytes land
     direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)
     fresh = {k: scratch(sources[k]) for k in needed if k not in direct}
     transfer = Transfer(data, path, max_buffer, report, fd=f.fileno())
@@ -338,18 +338,6 @@ def _pair(live: Any, saved: Any, path: str, out: list[_Pair]) -> None:
         for k, v in saved.items():
             if k in live:
                 _pair(live[k], v, f"{path}[{k!r}]", out)
-
-
-def _markers(tree: Any) -> Iterator[Marker]:
-    """Every marker in a saved tree (built with markers), depth first."""
-    if isinstance(tree, Marker):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _markers(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _markers(v)
 
 
 def _destinations(pairs: list[_Pair], sources: dict[str, SourceTensor]) -> dict[str, torch.Tensor]:

@@ -204,10 +204,7 @@ class FsspecStorage:
         full = self._full(path)
         self.fs.invalidate_cache(full)
         with self._errors("read", path):
-            info = self.fs.info(full)
-        if self.is_local:
-            return localdisk.version_token(os.stat(full))
-        return _version_of(info)
+            return localdisk.version_token(os.stat(full)) if self.is_local else _version_of(self.fs.info(full))
 
     def exists(self, path: str) -> bool:
         """True if the file ``path`` exists (asked of the store, not of a cached listing)."""

@@ -25,7 +25,7 @@ import math
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +38,7 @@ _TENSOR, _TUPLE, _ITEMS, _FLOAT, _BYTES, _DTYPE, _DEVICE = (
 _SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _KEY_TYPES = (str, int, float, bool, type(None), tuple)
 _PLAIN: tuple[Any, ...] = (bool, int, float, str, bytes)
+T = TypeVar("T")
 
 
 def is_stateful(value: Any) -> bool:
@@ -202,11 +203,21 @@ def unflatten(skeleton: Any, load_tensor: Callable[[str, str], Any]) -> Any:
 
 def iter_tensors(tree: Any) -> Iterator[torch.Tensor]:
     """Every tensor in a canonical tree, depth first."""
-    if isinstance(tree, torch.Tensor):
+    return leaves(tree, torch.Tensor)
+
+
+def leaves(tree: Any, kind: type[T]) -> Iterator[T]:
+    """Every value of type ``kind`` in a tree of dicts, lists and tuples, depth first.
+
+    Example:
+        >>> list(leaves({"a": [1, "x"], "b": 2}, int))
+        [1, 2]
+    """
+    if isinstance(tree, kind):
         yield tree
     elif isinstance(tree, dict):
         for v in tree.values():
-            yield from iter_tensors(v)
+            yield from leaves(v, kind)
     elif isinstance(tree, (list, tuple)):
         for v in tree:
-            yield from iter_tensors(v)
+            yield from leaves(v, kind)

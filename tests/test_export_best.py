@@ -116,3 +116,14 @@ def test_export_mistakes_fail_before_anything_is_written(store):
     with pytest.raises(ConfigError, match=r"state\['net'\].*entries: \['model', 'step'\]"):
         mgr.save(state(0), step=0, metrics={"val_loss": 0.5})
     assert mgr.checkpoints() == [] and mgr.uncommitted() == {}
+
+
+def test_an_export_deleted_by_hand_is_written_again_by_the_next_save(store):
+    """The record stays, the file is gone: the next save re-exports the best (from the stored
+    checkpoint, before retention prunes it), and does not crash after its commit."""
+    mgr = manager(store)
+    mgr.save(state(0), step=0, metrics={"val_loss": 0.1})
+    open_storage(store.url, store.storage_options).delete(EXPORT)
+    mgr.save(state(1), step=1, metrics={"val_loss": 0.5})
+    step, record = exported(store)
+    assert step == 0 and record["checkpoint"] == "step_00000000"
