@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .commit import Leftover, Scan, delete_manifest_if
+from .commit import delete_manifest_if
+from .scan import Leftover, Scan
 from .manifest import MANIFEST_NAME, tombstone
 from .storage import FsspecStorage
 

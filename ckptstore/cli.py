@@ -49,12 +49,13 @@ def _key_value(pair: str) -> str:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode, storage_options=_storage_options(args.storage_option))
-    infos = mgr.checkpoints()
-    if not infos and not mgr.storage.list_files():
+    mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode or "min",
+                            storage_options=_storage_options(args.storage_option))
+    found = mgr.listing()  # one listing for the whole command
+    if found.empty:
         raise CkptStoreError(f"nothing under {mgr.root}: no such folder or prefix (or an empty one); check the URL")
-    latest, best = mgr.latest(), mgr.best()
-    leftovers = mgr.uncommitted() if args.all else {}
+    infos, latest, best = found.checkpoints, found.latest, found.best
+    leftovers = found.uncommitted if args.all else {}
     if args.json:
         rows: list[dict[str, Any]] = [
             {"name": i.name, "step": i.step, "metrics": i.metrics, "size": i.size, "format": i.format,
@@ -253,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = add("ls", "list the committed checkpoints under ROOT", "ckptstore ls s3://bucket/runs/exp1 --monitor val_loss", json_output=True)
     ls.add_argument("root")
-    ls.add_argument("--monitor", help="metric that marks the best checkpoint")
-    ls.add_argument("--mode", choices=["min", "max"], default="min")
+    ls.add_argument("--monitor", help="metric that marks the best checkpoint (default: the one the newest checkpoint "
+                    "was saved with)")
+    ls.add_argument("--mode", choices=["min", "max"], help="with --monitor: which end is best (default: min)")
     ls.add_argument("--all", action="store_true", help="also list what is not a checkpoint: unfinished saves, unreadable manifests")
     ls.set_defaults(func=_cmd_ls)
 
@@ -311,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ckptstore`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "ls" and args.mode and not args.monitor:
+        parser.error("ls: --mode needs --monitor (without it, the mode the checkpoints recorded is used)")
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `ckptstore inspect ... | head`

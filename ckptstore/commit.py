@@ -32,65 +32,26 @@ can share a prefix with logs.
 from __future__ import annotations
 
 import logging
-import posixpath
-import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, is_tombstone
 from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
-from .storage import TEMP_FILE, FsspecStorage
+from .scan import Scan
+from .storage import FsspecStorage
 from .tree import iter_tensors
 
 log = logging.getLogger("ckptstore")
 
-LIST_ATTEMPTS = 3  # listings per scan when manifests vanish between the listing and their read
-_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt)$")
-
-
-def _ours(name: str) -> bool:
-    """A file name ckptstore writes inside a checkpoint folder (data file or temp file)."""
-    return bool(_DATA_FILE.match(name) or TEMP_FILE.match(name))
-
-
-@dataclass(frozen=True)
-class Leftover:
-    """Files under the root that no manifest describes: an unfinished save or a temp file."""
-
-    files: tuple[str, ...]  # relative to the root
-    mtime: float  # the newest modification time among them, as the store reports it
-    manifest: bytes = b""  # the folder's manifest as listed (a tombstone, or one whose data is missing)
-
-    @property
-    def tombstone(self) -> bool:
-        """A cleaner claimed this folder: its manifest is a tombstone."""
-        return is_tombstone(self.manifest)
-
-
-@dataclass(frozen=True)
-class Scan:
-    """What a root holds: committed checkpoints, unreadable manifests, leftovers."""
-
-    committed: list[CheckpointInfo]
-    corrupt: dict[str, tuple[str, ...]]  # folder -> its files: unreadable manifest, left for the user
-    abandoned: dict[str, Leftover]  # folder -> an unfinished (or claimed) save
-    broken: dict[str, Leftover]  # folder -> a manifest whose data file is not there: never a checkpoint
-    stray: dict[str, Leftover]  # file -> temp files and unlisted data files, in committed folders or at the root
-
-    def damaged(self, folder: str) -> tuple[str, ...] | None:
-        """The files of ``folder`` if its manifest is unreadable or its data is missing, else None."""
-        if folder in self.corrupt:
-            return self.corrupt[folder]
-        return self.broken[folder].files if folder in self.broken else None
-
-
 def write_checkpoint(
-    storage: FsspecStorage, name: str, step: int, fmt: Format, tree: Any, metrics: Mapping[str, float]
+    storage: FsspecStorage, name: str, step: int, fmt: Format, tree: Any, metrics: Mapping[str, float],
+    monitor: tuple[str, str] | None = None,
 ) -> CheckpointInfo:
     """Write ``tree`` as checkpoint ``name`` and commit it; raise CheckpointExists if taken.
+
+    ``monitor``: the (metric, mode) the manager ranks by, recorded in the manifest.
 
     The caller checks for a committed ``name`` first (one listing); the create-only manifest
     write settles any race after that check.
@@ -104,7 +65,7 @@ def write_checkpoint(
         fmt.write(tree, out)
     info = CheckpointInfo(
         name=name, step=step, format=fmt.name, metrics=dict(metrics),
-        files=(FileEntry(data_name, out.size, out.crc),), url=storage.url(name),
+        files=(FileEntry(data_name, out.size, out.crc),), url=storage.url(name), monitor=monitor,
     )
     try:
         storage.write_new(manifest_path, info.to_json())
@@ -197,76 +158,6 @@ def unreadable_manifest_message(storage: FsspecStorage, name: str) -> str:
         f"look at it (ckptstore ls --all {storage.url()}), then remove it with "
         f"CheckpointManager.delete({name!r}) or: ckptstore delete {storage.url()} {name}"
     )
-
-
-def scan(storage: FsspecStorage) -> Scan:
-    """List the root once and read every manifest (concurrently where the store can).
-
-    A manifest deleted between the listing and its read (a concurrent prune) makes the listing
-    stale, so the root is listed again (a few times at most): a stale listing could show no
-    checkpoint at all while newer ones exist.
-    """
-    for _ in range(LIST_ATTEMPTS):
-        folders, at_root = _list(storage)
-        manifests = [f"{f}/{MANIFEST_NAME}" for f, files in folders.items() if MANIFEST_NAME in files]
-        texts = storage.read_many(manifests)
-        if len(texts) == len(manifests):
-            break
-    if MANIFEST_NAME in at_root:
-        parent = posixpath.dirname(storage.url().rstrip("/"))
-        raise ConfigError(f"{storage.url()} is a checkpoint folder (it holds {MANIFEST_NAME}), not a root of "
-                          f"checkpoints; use its parent: CheckpointManager({parent!r})")
-    committed: list[CheckpointInfo] = []
-    corrupt: dict[str, tuple[str, ...]] = {}
-    claimed: dict[str, bytes] = {}
-    broken: dict[str, Leftover] = {}
-    for path, data in sorted(texts.items()):
-        folder = path.split("/")[0]
-        files = folders[folder]
-        listed = tuple(f"{folder}/{n}" for n in sorted(files))
-        if is_tombstone(data):
-            claimed[folder] = data
-            continue
-        try:
-            info = CheckpointInfo.from_json(data, url=storage.url(folder))
-            if info.name != folder:
-                raise CorruptCheckpointError(f"{storage.url(path)} names {info.name!r}, not its folder {folder!r}")
-        except CorruptCheckpointError as err:
-            log.warning("ignoring %s: %s", folder, err)
-            corrupt[folder] = listed
-            continue
-        missing = [e.path for e in info.files if e.path not in files]
-        if missing:
-            log.warning("ignoring %s: unusable, its manifest lists %s, which is missing (damaged by hand, or a save "
-                        "that failed while it committed); it is removed once idle", info.url, ", ".join(missing))
-            broken[folder] = Leftover(listed, max(files.values()), data)
-        else:
-            committed.append(info)
-    abandoned = {
-        f: Leftover(tuple(f"{f}/{n}" for n in sorted(files)), max(files.values()), claimed.get(f, b""))
-        for f, files in sorted(folders.items())
-        if f in claimed or (MANIFEST_NAME not in files and all(_ours(n) for n in files))
-    }
-    stray = {
-        f"{i.name}/{n}": Leftover((f"{i.name}/{n}",), mtime) for i in committed for n, mtime in folders[i.name].items()
-        if n != MANIFEST_NAME and _ours(n) and n not in {e.path for e in i.files}
-    }
-    stray.update({p: Leftover((p,), mtime) for p, mtime in at_root.items() if TEMP_FILE.match(p)})
-    committed.sort(key=lambda i: (i.step, i.created))
-    return Scan(committed, corrupt, abandoned, broken, dict(sorted(stray.items())))
-
-
-def _list(storage: FsspecStorage) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """The root's files: {checkpoint folder: {file name: mtime}}, and {root-level file: mtime}."""
-    folders: dict[str, dict[str, float]] = {}
-    at_root: dict[str, float] = {}
-    for path, mtime in storage.list_files().items():
-        folder, _, rest = path.partition("/")
-        if not rest:
-            at_root[path] = mtime
-        elif "/" not in rest:
-            folders.setdefault(folder, {})[rest] = mtime
-    return folders, at_root
 
 
 def read_checkpoint(

@@ -37,6 +37,7 @@ import torch
 from . import commit, retention
 from .errors import CheckpointNotFound, ConfigError, StorageError
 from .manifest import CheckpointInfo
+from .scan import KnownManifests, scan
 from .serializers import ChecksumWriter, format_for_path
 from .storage import FsspecStorage
 
@@ -78,8 +79,9 @@ def weights_to_export(tree: dict[str, Any], key: str) -> dict[str, torch.Tensor]
 class BestExport:
     """Keeps ``file`` under the root holding the best weights ever committed (see the module doc)."""
 
-    def __init__(self, storage: FsspecStorage, file: str, key: str, monitor: str, mode: str) -> None:
+    def __init__(self, storage: FsspecStorage, file: str, key: str, monitor: str, mode: str, known: KnownManifests) -> None:
         self.storage, self.file, self.key, self.monitor, self.mode = storage, file, key, monitor, mode
+        self.known = known  # the manager's: each manifest is read once
         self.record_file = f"{file}.json"
 
     def record(self) -> ExportRecord | None:
@@ -109,7 +111,7 @@ class BestExport:
                 return  # the export already held the best stored checkpoint
             # Written: check it against a fresh listing, since the one this decision rests on may be
             # stale (another process may have exported a better checkpoint meanwhile, or rewritten ours).
-            committed = commit.scan(self.storage).committed
+            committed = scan(self.storage, self.known).committed
         raise StorageError(f"{self.storage.url(self.file)} kept being rewritten by other processes; it is reconciled on the next save")
 
     def _reconcile_once(self, committed: Sequence[CheckpointInfo], fresh: tuple[CheckpointInfo, dict[str, Any]] | None) -> bool:

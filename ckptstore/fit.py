@@ -122,8 +122,8 @@ def loads_as_torch(optimizer: torch.optim.Optimizer) -> bool:
     return cls.state_dict is base.state_dict and cls.load_state_dict is base.load_state_dict and not any(hooks)
 
 
-def check_entries(target: dict[str, Any] | None, saved: dict[str, Any], strict: bool, info: CheckpointInfo) -> dict[str, Any]:
-    """``saved``, once every entry of ``target`` is in it (``strict``), else a StateMismatchError naming the others."""
+def check_entries(target: dict[str, Any] | None, saved: dict[str, Any], strict: bool, info: CheckpointInfo) -> list[str]:
+    """The entries of ``target`` that ``saved`` lacks: a StateMismatchError naming them if ``strict``, else logged."""
     missing = sorted(str(k) for k in (target or {}) if k not in saved)
     if missing and strict:
         raise StateMismatchError(
@@ -132,4 +132,4 @@ def check_entries(target: dict[str, Any] | None, saved: dict[str, Any], strict: 
         )
     if missing:
         log.warning("%s holds no %s: left as they are (strict=False)", info.url, missing)
-    return saved
+    return missing

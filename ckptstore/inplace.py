@@ -122,8 +122,9 @@ def restore_checkpoint(
     (before anything changes); with ``strict=False`` it is left as it is, with a warning.
 
     Returns what :func:`restore_into` returns, and a report: ``loaded`` lists the saved keys
-    that landed in live memory; ``bytes_read``/``requests`` count the reads of the data file
-    (0 where it was read whole, see the module doc). On any error nothing in ``target`` changed.
+    that landed in live memory; ``missing`` the entries of ``target`` the checkpoint lacks;
+    ``bytes_read``/``requests`` count the reads of the data file (0 where it was read whole, see
+    the module doc). On any error nothing in ``target`` changed.
 
     Raises:
         CorruptCheckpointError: the data file is missing, resized, damaged, fails its CRC32C,
@@ -169,7 +170,9 @@ def _restore(
         with _vanishing(where):
             loaded = get_format(info.format).read(Source(data, path, size), map_location, weights_only, None)
             _same_file(f, where)
-        return restore_into(target, check_entries(target, _checked_dict(loaded, info), strict, info)), LoadReport()
+        saved = _checked_dict(loaded, info)
+        missing = check_entries(target, saved, strict, info)
+        return restore_into(target, saved), LoadReport(missing=missing)
 
     sources = planned.sources
     needed: dict[str, None] = {}  # saved keys the tree refers to, in order
@@ -181,7 +184,8 @@ def _restore(
         return Marker(key, sources[key].shape)
 
     checks = _Steps()
-    saved = check_entries(target, _checked_dict(planned.build(mark), info), strict, info)
+    saved = _checked_dict(planned.build(mark), info)
+    report.missing = check_entries(target, saved, strict, info)
     _walk_entries(target, saved, checks)  # raises before any byte is read
     shared = {m.key for _, saved, _ in checks.opaque for m in leaves(saved, Marker)}  # loaded before the bytes land
     direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,7 +27,9 @@ from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .partial import LoadReport, load_partial
+from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
+from .scan import KnownManifests, Scan, scan
 from .storage import check_relative_path, open_storage
 from .tree import canonicalize
 
@@ -95,7 +96,8 @@ class CheckpointManager:
         self.storage = open_storage(root, storage_options)
         self.storage.check_bucket()
         self.storage.check_not_a_file()
-        self._export = BestExport(self.storage, export_best, export_key, monitor, mode) if export_best and monitor else None
+        self._known = KnownManifests()
+        self._export = BestExport(self.storage, export_best, export_key, monitor, mode, self._known) if export_best and monitor else None
         self._idle = cleanup.IdleClock()
 
     @property
@@ -104,19 +106,43 @@ class CheckpointManager:
         return self.storage.url()
 
     # -- listing --------------------------------------------------------------------------
+    def listing(self) -> RootListing:
+        """Everything under the root, from one listing: checkpoints, latest, best, what is not a checkpoint.
+
+        Each manifest is read once per manager (committed manifests never change), so the
+        cost of a listing grows with the root's file count only as the store's LIST does.
+
+        Example:
+            >>> mgr = CheckpointManager("memory://doc/listing", monitor="loss")
+            >>> _ = mgr.save({"x": 1}, step=1, metrics={"loss": 0.5})
+            >>> found = mgr.listing()
+            >>> found.latest.step, found.best.step, found.uncommitted, found.empty
+            (1, 1, {}, False)
+        """
+        found = self._scan()
+        return RootListing(
+            checkpoints=found.committed,
+            latest=found.committed[-1] if found.committed else None,
+            best=next(iter(self._ranked(found.committed)), None),
+            uncommitted=found.reasons(),
+            empty=found.files == 0,
+        )
+
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first."""
-        return commit.scan(self.storage).committed
+        return self._scan().committed
 
     def latest(self) -> CheckpointInfo | None:
         """The committed checkpoint with the highest step, or None."""
-        infos = self.checkpoints()
-        return infos[-1] if infos else None
+        return self.listing().latest
 
     def best(self) -> CheckpointInfo | None:
-        """The best committed checkpoint by ``monitor`` (None without monitor or metrics)."""
-        ranked = self._ranked(self.checkpoints())
-        return ranked[0] if ranked else None
+        """The best committed checkpoint by ``monitor`` or, without one, by the metric and mode the
+        newest checkpoint recorded; None when neither exists or no checkpoint has a finite value."""
+        return self.listing().best
+
+    def _scan(self) -> Scan:
+        return scan(self.storage, self._known)
 
     # -- saving ---------------------------------------------------------------------------
     def save(
@@ -148,13 +174,14 @@ class CheckpointManager:
         if self._export is not None:
             weights_to_export(tree, self.export_key)
         self.storage.makedirs()
-        found = commit.scan(self.storage)
+        found = self._scan()
         commit.check_free(self.storage, found, step, name, allow_older)
         try:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
         except StorageError as err:  # leftovers wait for the next save; this one goes on
             log.warning("could not remove leftovers under %s: %s", self.root, err)
-        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values)
+        monitor = (self.policy.monitor, self.policy.mode) if self.policy.monitor else None
+        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, monitor)
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
         if self._reconcile_export(committed, (info, tree)):
@@ -178,7 +205,7 @@ class CheckpointManager:
 
         The best-model export is brought up to date first, so no checkpoint it needs is lost.
         """
-        found = commit.scan(self.storage)
+        found = self._scan()
         doomed = self._doomed(found.committed)
         if not dry_run:
             if self._export is not None:
@@ -215,15 +242,7 @@ class CheckpointManager:
             >>> CheckpointManager("memory://doc/uncommitted").uncommitted()
             {}
         """
-        found = commit.scan(self.storage)
-        now = time.time()
-        reasons = {
-            f: "being removed as an abandoned save" if left.tombstone else f"unfinished save (no manifest), idle {now - left.mtime:.0f}s"
-            for f, left in found.abandoned.items()
-        }
-        reasons.update({f: "manifest whose data file is missing; removed once idle" for f in found.broken})
-        reasons.update({f: "unreadable manifest; left for you to inspect (CheckpointManager.delete removes it)" for f in found.corrupt})
-        return dict(sorted(reasons.items()))
+        return self.listing().uncommitted
 
     def _doomed(self, committed: list[CheckpointInfo], protect: str | None = None) -> list[CheckpointInfo]:
         keep = retention.to_keep(committed, self.policy) | {protect}
@@ -245,7 +264,7 @@ class CheckpointManager:
             >>> mgr.delete(mgr.save({"x": 1}, step=1).step).step
             1
         """
-        found = commit.scan(self.storage)
+        found = self._scan()
         folder = self._folder_of(which)
         files = found.damaged(folder) if folder else None
         if files is not None and not any(i.name == folder or i.step == which for i in found.committed):
@@ -275,12 +294,14 @@ class CheckpointManager:
         weights_only: bool = True,
         verify: bool = True,
         strict: bool = True,
-    ) -> dict[str, Any] | None:
+    ) -> Restored | None:
         """Restore a checkpoint into ``state`` in place; return the other saved values.
 
         Stateful entries (modules, optimizers, schedulers, :class:`RNGState`) get
         ``load_state_dict``; tensors are filled with ``copy_``. The returned dict holds
-        everything else that was saved. Returns None when the root has no checkpoint.
+        everything else that was saved; it is a :class:`Restored`, whose ``checkpoint`` says
+        which checkpoint was restored and ``missing`` which entries of ``state`` it lacked.
+        Returns None when the root has no checkpoint.
 
         Tensor bytes stream straight into the live parameters, buffers, optimizer state
         and tensors of ``state`` where shape and dtype match, so a restore needs no second
@@ -293,7 +314,8 @@ class CheckpointManager:
         CRC32C before any live byte changes (remote checkpoints are first downloaded to a
         local temporary file, checked on the way). ``strict``: an entry of ``state`` that the
         checkpoint lacks (an optimizer the run did not save) is an error, before anything
-        changes; ``strict=False`` leaves such entries as they are and logs their names.
+        changes; ``strict=False`` leaves such entries as they are, logs their names and
+        returns them in ``missing``.
 
         Raises:
             CorruptCheckpointError: the checkpoint asked for (or, for "latest", every one) is damaged.
@@ -302,7 +324,7 @@ class CheckpointManager:
         """
         if isinstance(which, str) and which not in ("latest", "best"):
             arguments.checkpoint_name(which)
-        found = commit.scan(self.storage)
+        found = self._scan()
         infos = found.committed
         if which == "latest" and not infos:
             log.warning("no checkpoint under %s: starting fresh (if you meant to resume, check the root)", self.root)
@@ -331,13 +353,13 @@ class CheckpointManager:
     def _restore_one(
         self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
         strict: bool,
-    ) -> dict[str, Any]:
+    ) -> Restored:
         values, report = restore_checkpoint(
             self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify, strict=strict
         )
         log.info("restored %s: %d bytes read in %d requests, %d tensors straight into live memory",
                  info.url, report.bytes_read, report.requests, len(report.loaded))
-        return values
+        return Restored(values, info, report.missing)
 
     def load_partial(
         self,
@@ -380,6 +402,6 @@ class CheckpointManager:
         return match[-1]
 
     def _ranked(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """Checkpoints with a finite ``monitor`` value, best first ([] without a monitor)."""
-        monitor = self.policy.monitor
-        return retention.ranked_best(infos, monitor, self.policy.mode) if monitor else []
+        """Checkpoints with a finite value of the monitored metric, best first (see :meth:`best`)."""
+        monitor = (self.policy.monitor, self.policy.mode) if self.policy.monitor else retention.recorded_monitor(infos)
+        return retention.ranked_best(infos, *monitor) if monitor else []

@@ -2,8 +2,10 @@
 
 ``<name>/manifest.json`` is written last; a checkpoint exists iff it does. It lists every
 data file with its size and CRC32C, so a reader can tell a whole checkpoint from a damaged
-one. Non-finite metrics are stored as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so that
-the file is strict JSON any tool can read.
+one. ``monitor`` records the metric and mode the saving manager ranked by (``null`` without
+one), so a tool that lists the root can mark the best without being told. Non-finite
+metrics are stored as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so that the file is strict
+JSON any tool can read.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class CheckpointInfo:
     format: str
     metrics: dict[str, float] = field(default_factory=dict)
     files: tuple[FileEntry, ...] = ()
+    monitor: tuple[str, str] | None = None  # (metric, "min" | "max") the saving manager ranked by
     created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     url: str = ""
 
@@ -84,6 +87,7 @@ class CheckpointInfo:
             "format": self.format,
             "created": self.created.isoformat(),
             "metrics": {k: _encode_metric(v) for k, v in self.metrics.items()},
+            "monitor": None if self.monitor is None else {"metric": self.monitor[0], "mode": self.monitor[1]},
             "files": [{"path": f.path, "size": f.size, "crc32c": f"{f.crc32c:08x}"} for f in self.files],
         }
         return json.dumps(doc, indent=1, allow_nan=False).encode()
@@ -105,12 +109,22 @@ class CheckpointInfo:
                 ),
                 created=datetime.fromisoformat(doc["created"]),
                 url=url,
+                monitor=_monitor(doc.get("monitor")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptCheckpointError(f"{url}/{MANIFEST_NAME} is not a valid manifest: {err!r}") from err
 
     def with_url(self, url: str) -> CheckpointInfo:
         return replace(self, url=url)
+
+
+def _monitor(value: Any) -> tuple[str, str] | None:
+    """The optional ``monitor`` field (absent in manifests written before it existed)."""
+    if value is None:
+        return None
+    if value.get("mode") not in ("min", "max") or not isinstance(value.get("metric"), str):
+        raise ValueError(f"monitor must be {{'metric': str, 'mode': 'min' | 'max'}}, got {value!r}")
+    return value["metric"], value["mode"]
 
 
 def _int(value: Any) -> int:

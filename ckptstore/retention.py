@@ -58,6 +58,17 @@ def ranked_best(infos: Sequence[CheckpointInfo], monitor: str, mode: str) -> lis
     return [i for _, i in ranked]
 
 
+def recorded_monitor(infos: Sequence[CheckpointInfo]) -> tuple[str, str] | None:
+    """The (metric, mode) the newest checkpoint that records one was saved with, else None.
+
+    Example:
+        >>> from ckptstore.manifest import CheckpointInfo as I
+        >>> recorded_monitor([I("s1", 1, "torch", monitor=("acc", "max")), I("s2", 2, "torch")])
+        ('acc', 'max')
+    """
+    return next((i.monitor for i in newest_first(infos) if i.monitor is not None), None)
+
+
 def to_keep(infos: Sequence[CheckpointInfo], policy: RetentionPolicy) -> set[str]:
     """Names of the checkpoints that ``policy`` keeps. Always includes the newest.
 

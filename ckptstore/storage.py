@@ -35,7 +35,7 @@ import posixpath
 import re
 from datetime import datetime
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -50,6 +50,15 @@ TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/([^/].*)$")  # "s3:/bucket": not a drive letter ("C:/")
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class Listed(NamedTuple):
+    """A file as a listing shows it: its modification time (Unix seconds) and a tag that changes
+    whenever the file is written again (ETag or generation on object stores, inode and mtime on
+    a local disk)."""
+
+    mtime: float
+    tag: str
 
 
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FsspecStorage:
@@ -213,8 +222,8 @@ class FsspecStorage:
         with self._errors("read", path):
             return bool(self.fs.exists(full))
 
-    def list_files(self) -> dict[str, float]:
-        """Every file below the root: relative path -> modification time (Unix seconds).
+    def list_files(self) -> dict[str, Listed]:
+        """Every file below the root: relative path -> its :class:`Listed` entry.
 
         One recursive listing where the store can (a paginated LIST on object stores).
         """
@@ -225,7 +234,7 @@ class FsspecStorage:
         except CheckpointNotFound:
             return {}
         prefix = self.root.rstrip("/") + "/"
-        return {p[len(prefix):]: _mtime(info) for p, info in sorted(found.items()) if p.startswith(prefix)}
+        return {p[len(prefix):]: Listed(_mtime(info), _version_of(info)) for p, info in sorted(found.items()) if p.startswith(prefix)}
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Read several whole small files, concurrently where the store can.
@@ -392,8 +401,8 @@ def _from_client(err: Exception) -> bool:
 
 
 def _version_of(info: dict[str, Any]) -> str:
-    """The :meth:`FsspecStorage.version` token of a remote or memory:// file, from its fsspec ``info``."""
-    keys = ("generation", "ETag", "etag", "created", "mtime", "LastModified", "updated")
+    """A token that changes when the file is written again, from its fsspec ``info`` (a listing entry or ``info()``)."""
+    keys = ("generation", "ETag", "etag", "ino", "created", "mtime", "LastModified", "updated")
     return ":".join(str(info[k]) for k in ("size", *keys) if info.get(k) is not None)
 
 

@@ -38,7 +38,7 @@ def test_ls_table_and_json(tmp_path):
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["ls", str(tmp_path), "--mode", "min"]) == 0
+    assert main(["ls", str(tmp_path)]) == 0
     capsys.readouterr()
     assert main(["demo", "--root", str(blocker / "sub"), "--epochs", "1", "--preempt-after", "0"]) == 1
     err = capsys.readouterr().err

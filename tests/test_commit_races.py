@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from ckptstore import CheckpointExists, CheckpointManager, CheckpointNotFound, CorruptCheckpointError, StorageError, cleanup, commit
+from ckptstore import scan
+from ckptstore import CheckpointExists, CheckpointManager, CheckpointNotFound, CorruptCheckpointError, StorageError, cleanup
 from ckptstore.cli import main
 from ckptstore.manifest import tombstone
 from ckptstore.storage import open_storage
@@ -47,8 +48,8 @@ def test_a_cleaner_that_listed_before_the_commit_deletes_nothing_after_it(store)
     """The issue's race: B lists while A's save has data but no manifest, and acts after A committed."""
     a = manager(store, keep_last=1)
     a.save({"w": torch.zeros(64)}, step=1)
-    stale: list[commit.Scan] = []
-    before_manifest_write(a, lambda: stale.append(commit.scan(a.storage)))
+    stale: list[scan.Scan] = []
+    before_manifest_write(a, lambda: stale.append(scan.scan(a.storage)))
     a.save({"w": torch.ones(64)}, step=2)
     [listed] = stale
     assert "step_00000002" in listed.abandoned  # B saw A's data file without a manifest
@@ -80,7 +81,7 @@ def test_a_cleaner_that_claims_first_makes_the_save_fail_loudly(store, request, 
         a.save({"w": torch.ones(64)}, step=2)
     assert assert_all_verify(store) == [1]  # the previous checkpoint survives: no retention ran
     b.prune()  # B finishes its removal
-    assert commit.scan(a.storage).abandoned == {}
+    assert scan.scan(a.storage).abandoned == {}
 
 
 def test_a_killed_cleaner_is_finished_by_the_next_one(store):
@@ -92,9 +93,9 @@ def test_a_killed_cleaner_is_finished_by_the_next_one(store):
     mgr = manager(store)
     assert mgr.uncommitted() == {"step_00000002": "being removed as an abandoned save"}
     mgr.prune()  # the idle rule holds for a claimed folder too: its cleaner may still be at work
-    assert "step_00000002" in commit.scan(storage).abandoned
+    assert "step_00000002" in scan.scan(storage).abandoned
     manager(store, abandoned_after=0).prune()
-    assert commit.scan(storage).abandoned == {} and assert_all_verify(store) == [1]
+    assert scan.scan(storage).abandoned == {} and assert_all_verify(store) == [1]
 
 
 def test_a_late_cleaner_never_deletes_a_manifest_committed_after_the_tombstone_went(store):
@@ -104,8 +105,8 @@ def test_a_late_cleaner_never_deletes_a_manifest_committed_after_the_tombstone_w
     with storage.open_write("step_00000002/state-0123abcd.safetensors") as f:
         f.write(b"data of a killed save")
     storage.write_new("step_00000002/manifest.json", tombstone())
-    stale = commit.scan(storage)  # the second cleaner's listing: the claimed folder
-    cleanup.clean(storage, commit.scan(storage), 0, cleanup.IdleClock())  # the first finishes it
+    stale = scan.scan(storage)  # the second cleaner's listing: the claimed folder
+    cleanup.clean(storage, scan.scan(storage), 0, cleanup.IdleClock())  # the first finishes it
     manager(store).save({"w": torch.ones(4)}, step=2)  # a new save of that step
     cleanup.clean(storage, stale, 0, cleanup.IdleClock())  # the second acts on its stale listing
     assert assert_all_verify(store) == [2]
@@ -169,7 +170,7 @@ def test_leftover_temp_files_are_cleaned_like_abandoned_saves(store):
             f.write(b"x" * 100)
     with storage.open_write("notes.tmp") as f:  # not ours: never touched
         f.write(b"mine")
-    assert set(commit.scan(storage).stray) == set(temps)
+    assert set(scan.scan(storage).stray) == set(temps)
     mgr.save({"x": 2}, step=2)  # just seen: might be a write in progress elsewhere
     assert all(storage.exists(p) for p in temps)
     manager(store, abandoned_after=0).prune()

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from ckptstore import scan
 from ckptstore import CheckpointManager, StorageError
 
 SAVER = textwrap.dedent(
@@ -71,14 +72,13 @@ def test_sigkill_mid_save_never_exposes_a_partial_checkpoint(process_store, fmt)
             values = mgr.restore(which=info.step)
             assert values["step"] == info.step
             assert torch.equal(values["w"], torch.full((numel,), float(info.step)))
-    from ckptstore import commit
 
     patient = CheckpointManager(store.url, storage_options=store.storage_options)
     patient.save({"w": torch.zeros(1), "step": -1}, step=10_000)
-    fresh = commit.scan(mgr.storage).abandoned  # a just-killed save looks like one in progress: kept
+    fresh = scan.scan(mgr.storage).abandoned  # a just-killed save looks like one in progress: kept
     eager = CheckpointManager(store.url, storage_options=store.storage_options, abandoned_after=0)
     eager.save({"w": torch.zeros(1), "step": -1}, step=10_001)  # idle long enough: cleaned
-    found = commit.scan(mgr.storage)
+    found = scan.scan(mgr.storage)
     assert found.abandoned == {} and found.stray == {}
     assert set(fresh) <= {f"step_{s:08d}" for s in range(10_000)}
 

@@ -49,6 +49,7 @@ def test_damage_is_detected_and_latest_falls_back(store, fmt, how, caplog):
     with caplog.at_level(logging.WARNING, logger="ckptstore"):
         values = mgr.restore()  # ... "latest" falls back to the newest good one
     assert values["step"] == 0 and torch.equal(values["w"], torch.arange(1000.0))
+    assert values.checkpoint.step == 0  # the caller can tell which one it got
     assert any(bad.name in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records)
 
 

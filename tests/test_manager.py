@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckptstore
+from ckptstore import scan
 from ckptstore import (
     CheckpointExists,
     CheckpointManager,
@@ -306,19 +307,19 @@ def test_unknown_scheme_names_the_missing_extra():
 
 def test_abandoned_cleanup_waits_for_idle_folders():
     """Pure check of the idle rule with fixed clocks: idle by the store's time *and* by ours."""
-    from ckptstore import cleanup, commit
+    from ckptstore import cleanup
 
     storage = open_storage("memory://idle-rule")
     with storage.open_write("step_00000001/state-0123abcd.pt") as f:
         f.write(b"x")
-    found = commit.scan(storage)
+    found = scan.scan(storage)
     mtime = found.abandoned["step_00000001"].mtime
     clock = cleanup.IdleClock()
     assert cleanup.clean(storage, found, 600, clock, now=mtime + 10_000, monotonic=0) == []  # first sight
     assert cleanup.clean(storage, found, 600, clock, now=mtime + 599, monotonic=10_000) == []  # the store says fresh
     assert cleanup.clean(storage, found, 600, clock, now=mtime + 10_000, monotonic=599) == []  # we saw it 599 s
     assert cleanup.clean(storage, found, 600, clock, now=mtime + 601, monotonic=601) == ["step_00000001"]
-    assert commit.scan(storage).abandoned == {}
+    assert scan.scan(storage).abandoned == {}
 
 
 def test_nested_tensors_are_filled_in_place(store):

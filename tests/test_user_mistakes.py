@@ -106,6 +106,8 @@ def test_an_entry_asked_for_but_never_saved_is_an_error_unless_not_strict(store,
     assert values == {"epoch": 3} and torch.equal(model.weight, saved.weight)
     assert any("['optimizer']" in r.getMessage() and "strict=False" in r.getMessage() for r in caplog.records)
     assert optimizer.state_dict()["state"] == {}  # left as it was
+    assert values.missing == ("optimizer",)  # and the caller can see it, not only the log
+    assert manager(store).restore({"model": model}).missing == ()
 
 
 def test_a_save_without_the_monitored_metric_says_so_and_suggests_the_closest(store, caplog):
