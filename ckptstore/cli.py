@@ -25,7 +25,7 @@ from . import __version__, files
 from .convert import convert
 from .errors import CkptStoreError, ConfigError, CorruptCheckpointError
 from .manager import CheckpointManager
-from .partial import describe
+from .partial import describe, resolve
 from .serializers import TREE_METADATA_KEY
 
 
@@ -153,8 +153,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
     try:
         mgr = CheckpointManager(args.url, storage_options=options)
-        with _progress("verify") as progress:
-            results = mgr.verify(progress)
+        infos = mgr.checkpoints()
+        with _progress("verify", sum(i.size for i in infos)) as progress:
+            results = mgr.verify(progress, checkpoints=infos)
     except ConfigError:  # the URL is a checkpoint folder or a file, not a root
         results = {}
     if not results:  # not a checkpoint root: one checkpoint folder, or a single file
@@ -176,27 +177,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
-    with _progress(f"convert {posixpath.basename(args.dst)}") as progress:
+    storage, name, _ = resolve(args.src, options)
+    with _progress(f"convert {posixpath.basename(args.dst)}", storage.size(name)) as progress:  # out ~ in, headers aside
         written = convert(args.src, args.dst, storage_options=options, progress=progress)
     print(f"{args.src} -> {args.dst} ({written:,} bytes)")
     return 0
 
 
-@contextmanager
-def _progress(desc: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A byte counter on stderr: shown only on a terminal, and only once it has run a second.
+MIB = 2**20
 
-    ``CKPTSTORE_PROGRESS_DELAY`` (seconds, default 1) changes the second.
-    """
+
+@contextmanager
+def _progress(desc: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr in MiB (2**20 bytes), with the total, percentage, rate and time left; shown
+    only on a terminal, and only once it has run a second (``CKPTSTORE_PROGRESS_DELAY`` seconds)."""
     delay = float(os.environ.get("CKPTSTORE_PROGRESS_DELAY", "1"))
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=delay,
+    layout = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_fmt}]"
+    with tqdm(total=total / MIB, desc=desc, unit="MiB", bar_format=layout, delay=delay,
               disable=None, leave=False, dynamic_ncols=True) as bar:
-        yield bar.update
+        yield lambda n: bar.update(n / MIB)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=args.monitor,
-                            mode=args.mode, abandoned_after=args.abandoned_after,
+                            mode=args.mode or "min", abandoned_after=args.abandoned_after,
                             storage_options=_storage_options(args.storage_option))
     doomed = mgr.prune(dry_run=not args.yes)
     if args.json:
@@ -243,11 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help: str, example: str, *, json_output: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, help: str, example: str, *, json_output: bool = False, store: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
-                       help="passed to fsspec (repeatable), e.g. client_kwargs='{\"endpoint_url\": \"http://...\"}'")
+        if store:  # only commands that reach a store take its options: any other would ignore them
+            p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                           help="passed to fsspec (repeatable), e.g. client_kwargs='{\"endpoint_url\": \"http://...\"}'")
         if json_output:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
@@ -282,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-last", type=int, default=None)
     prune.add_argument("--keep-best", type=int, default=0)
     prune.add_argument("--monitor")
-    prune.add_argument("--mode", choices=["min", "max"], default="min")
+    prune.add_argument("--mode", choices=["min", "max"], help="with --monitor: which end is best (default: min)")
     prune.add_argument("--abandoned-after", type=float, default=600.0, metavar="SECONDS",
                        help="remove unfinished saves idle this long by the store's clock and by this run's own, which "
                             "first sees them now: only 0 removes them in one run (a save still running elsewhere then "
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(func=_cmd_delete)
 
     bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",
-                "ckptstore bench suite --quick   (or: save-memory, load; see benchmarks/README.md)")
+                "ckptstore bench suite --quick   (or: save-memory, load; see benchmarks/README.md)", store=False)
     bench.add_argument("which", choices=sorted(BENCH_SCRIPTS), nargs="?", default="suite")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     bench.set_defaults(func=_cmd_bench)
@@ -315,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ckptstore`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "ls" and args.mode and not args.monitor:
-        parser.error("ls: --mode needs --monitor (without it, the mode the checkpoints recorded is used)")
+    if getattr(args, "mode", None) and not args.monitor:  # ls, prune: a mode alone would be ignored
+        parser.error(f"{args.command}: --mode needs --monitor")
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `ckptstore inspect ... | head`

@@ -20,6 +20,7 @@ from .errors import CorruptCheckpointError
 from .safetensors_header import header_length, parse_header
 from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, format_for_path
 from .storage import open_parent
+from .torch_zip import data_pickles
 
 
 def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
@@ -55,11 +56,15 @@ def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | Non
         if f.read(4) == b"PK\x03\x04":
             f.seek(0)
             try:
-                bad = zipfile.ZipFile(f).testzip()
+                archive = zipfile.ZipFile(f)
+                bad = archive.testzip()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
                 raise CorruptCheckpointError(f"{where} is not a readable torch zip: {err}") from err
             if bad is not None:
                 raise CorruptCheckpointError(f"{where}: record {bad} fails its CRC32")
+            if len(data_pickles(archive.namelist())) != 1:
+                raise CorruptCheckpointError(f"{where} is a sound zip archive but not a torch checkpoint (no single "
+                                             "<archive>/data.pkl)")
             return
     size = storage.size(name)
     length = header_length(storage.read(name, 0, min(8, size)), size, where)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -214,15 +214,17 @@ class CheckpointManager:
             self._delete(doomed)
         return doomed
 
-    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, str | None]:
-        """Check every committed checkpoint's sizes and CRC32C: ``{name: None or the problem}``.
+    def verify(
+        self, progress: Callable[[int], None] | None = None, checkpoints: Sequence[CheckpointInfo] | None = None,
+    ) -> dict[str, str | None]:
+        """Check committed checkpoints' sizes and CRC32C: ``{name: None or the problem}``.
 
+        ``checkpoints``: the ones to check (default: every committed one, from a new listing).
         A checkpoint deleted while it is checked (a concurrent prune) is left out, not reported.
-
         ``progress(n)`` is called as bytes are read (the CLI's progress bar).
         """
         results: dict[str, str | None] = {}
-        for info in self.checkpoints():
+        for info in self.checkpoints() if checkpoints is None else checkpoints:
             try:
                 commit.verify_checkpoint(self.storage, info, progress)
                 results[info.name] = None

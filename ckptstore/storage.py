@@ -29,7 +29,6 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import posixpath
 import re
@@ -41,7 +40,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
-from . import localdisk
+from . import localdisk, store_errors
 from .errors import CheckpointNotFound, ConfigError, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
@@ -84,6 +83,11 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         ) from err
     except ValueError as err:
         raise StorageError(f"cannot open {url}: {err}") from err
+    except TypeError as err:  # an option the filesystem's constructor does not take
+        explained = store_errors.explain(err, "open", url, url.split("://", 1)[0] if "://" in url else "file")
+        if explained is None:
+            raise
+        raise explained from err
     return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
 
 
@@ -146,6 +150,7 @@ class FsspecStorage:
         self.root = root
         self.root_url = url
         self.is_local = isinstance(fs, LocalFileSystem)
+        self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]  # "s3", "gs", "file", ...
 
     # -- capabilities -------------------------------------------------------------------
     def local_path(self, path: str) -> str | None:
@@ -357,47 +362,16 @@ class FsspecStorage:
     # -- errors ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _errors(self, op: str, path: str) -> Iterator[None]:
-        where = self.url(path)
+        """Turn a store's error into a ckptstore error that says what to do (see :mod:`ckptstore.store_errors`)."""
         try:
             yield
         except (CheckpointNotFound, StorageError, FileExistsError):
             raise
-        except (FileNotFoundError, NotADirectoryError) as err:
-            if op in ("read", "list"):
-                raise CheckpointNotFound(f"{where} does not exist") from err
-            if isinstance(err, NotADirectoryError):
-                raise StorageError(f"cannot {op} {where}: part of the path is a file, not a folder; fix the path") from err
-            raise StorageError(
-                f"cannot {op} {where}: the bucket or parent folder does not exist ({err}); "
-                "create it or fix the URL"
-            ) from err
-        except PermissionError as err:
-            raise StorageError(
-                f"cannot {op} {where}: access denied ({err}); check the credentials "
-                "(environment or storage_options) and the bucket policy"
-            ) from err
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageError(
-                    f"cannot {op} {where}: no space left on the device; free space or "
-                    "lower keep_last. Earlier checkpoints are intact."
-                ) from err
-            hint = "; check the URL, the endpoint and the network" if isinstance(err, ConnectionError) or _from_client(err) else ""
-            raise StorageError(f"cannot {op} {where}: {err}{hint}") from err
         except Exception as err:
-            if not _from_client(err):
+            explained = store_errors.explain(err, op, self.url(path), self.protocol)
+            if explained is None:
                 raise  # the caller's own error inside an open_write block, say
-            raise StorageError(
-                f"cannot {op} {where}: {type(err).__name__}: {err}; check the URL, the endpoint and the network"
-            ) from err
-
-
-_CLIENT_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "requests", "urllib3"}
-
-
-def _from_client(err: Exception) -> bool:
-    """Raised by a store's client library (botocore's EndpointConnectionError, gcsfs's HttpError, ...)."""
-    return type(err).__module__.partition(".")[0] in _CLIENT_LIBRARIES
+            raise explained from err
 
 
 def _version_of(info: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -73,7 +73,7 @@ def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str,
         infos = {i.filename: i for i in archive.infolist()}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CorruptCheckpointError(f"{where} is not a torch zip file: {err}") from err
-    pkl = [name for name in infos if name.endswith("/data.pkl") and name.count("/") == 1]
+    pkl = data_pickles(infos)
     if len(pkl) != 1:
         raise CorruptCheckpointError(f"{where} has no single <archive>/data.pkl; not a torch.save file")
     prefix = pkl[0][: -len("data.pkl")]
@@ -215,3 +215,13 @@ def _tensor(ref: StorageRef, dtype: Any, offset: Any, size: Any, stride: Any) ->
     if len(tensor.shape) != len(tensor.stride) or tensor.span()[1] > ref.nbytes:
         raise CorruptCheckpointError(f"tensor of shape {tensor.shape} reaches past its {ref.nbytes}-byte storage")
     return tensor
+
+
+def data_pickles(names: Iterable[str]) -> list[str]:
+    """The ``<archive>/data.pkl`` records among a zip's ``names``: exactly one in a torch file.
+
+    Example:
+        >>> data_pickles(["model/data.pkl", "model/data/0", "model/version"])
+        ['model/data.pkl']
+    """
+    return [name for name in names if name.endswith("/data.pkl") and name.count("/") == 1]

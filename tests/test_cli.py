@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 from ckptstore import CheckpointManager
 from ckptstore.cli import main
+from ckptstore.storage import open_storage
 
 SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
 
@@ -157,7 +160,9 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     torch.save({"w": torch.randn(2**20)}, tmp_path / "a.pt")  # 4 MiB
     quick = {"CKPTSTORE_PROGRESS_DELAY": "0"}  # the real threshold is one second
     shown = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "a.safetensors"), env=quick)
-    assert "convert a.safetensors: " in shown and "B/s]" in shown
+    assert "convert a.safetensors: " in shown and "MiB/s]" in shown
+    assert "0%|" in shown and "/4.0 MiB [00:00<" in shown  # percentage, total and time left, in binary units
+    assert "64.0B" not in shown and " MB" not in shown and "kB" not in shown
     piped = run("convert", str(tmp_path / "a.pt"), str(tmp_path / "b.safetensors"), env={**os.environ, **quick})
     assert piped.stderr == "" and piped.stdout.count("\n") == 1  # not a terminal: no bar
     slow = run_in_terminal("convert", str(tmp_path / "a.pt"), str(tmp_path / "c.safetensors"), env={})
@@ -233,3 +238,21 @@ def test_cli_edges_are_usage_errors_or_one_line(tmp_path, capsys):
     assert main(["ls", str(tmp_path / "no-such-run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ckptstore: error: nothing under") and err.count("\n") == 1
+
+
+def test_verify_of_a_zip_that_is_not_a_torch_checkpoint_is_not_ok(store, capsys):
+    """Issue 10, point 6: a sound zip of something else passed its CRC32s and printed OK."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("notes/readme.txt", "not a checkpoint")
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write("data.zip") as f:
+        f.write(buf.getvalue())
+    assert main(["verify", store.join("data.zip"), *storage_args(store)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("CORRUPT") and "not a torch checkpoint" in out and "OK" not in out
+    torch.save({"w": torch.ones(2)}, buf := io.BytesIO())
+    with storage.open_write("real.pt") as f:
+        f.write(buf.getvalue())
+    assert main(["verify", store.join("real.pt"), *storage_args(store)]) == 0

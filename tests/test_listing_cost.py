@@ -119,10 +119,17 @@ def test_manifests_without_a_monitor_still_read_and_have_no_best(store):
     assert manager(store).best() is None and manager(store).latest().step == 1
 
 
-def test_ls_mode_without_monitor_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["ls", "prune"])
+def test_an_option_the_command_would_ignore_is_a_usage_error(tmp_path, capsys, command):
     with pytest.raises(SystemExit) as exit_:
-        main(["ls", str(tmp_path), "--mode", "max"])
+        main([command, str(tmp_path), "--mode", "max"])
     assert exit_.value.code == 2 and "--mode needs --monitor" in capsys.readouterr().err
+
+
+def test_bench_takes_no_storage_options_it_would_ignore(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--storage-option", "key=x", "suite"])
+    assert exit_.value.code == 2 and "usage: ckptstore bench" in capsys.readouterr().err
 
 
 def _options(store):

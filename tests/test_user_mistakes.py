@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-from ckptstore import CheckpointManager, CheckpointNotFound, ConfigError, InvalidNameError, StateMismatchError
+from ckptstore import CheckpointManager, CheckpointNotFound, ConfigError, InvalidNameError, StateMismatchError, StorageError
+from ckptstore.cli import main
 from ckptstore.storage import open_storage
 
 
@@ -117,3 +119,35 @@ def test_a_save_without_the_monitored_metric_says_so_and_suggests_the_closest(st
     assert any("without the monitored metric 'val_los'" in r.getMessage() and "did you mean 'val_loss'?" in r.getMessage()
                for r in caplog.records)
     assert mgr.best() is None  # as documented: nothing ranks without the metric
+
+
+# -- issue 10, point 6: the store's client errors name their real cause --------------------------------------------
+
+
+@pytest.fixture
+def s3_store(remote_store):
+    if remote_store.kind != "s3":
+        pytest.skip("an S3 client's errors")
+    return remote_store
+
+
+def test_a_client_option_at_the_top_level_is_one_line_naming_where_it_goes(s3_store, capsys):
+    options = {**s3_store.storage_options, "region_name": "us-east-1"}
+    with pytest.raises(ConfigError, match=r"'region_name' is not one s3 takes at the top level; pass it as client_kwargs="):
+        CheckpointManager(s3_store.url, storage_options=options)
+    args = [a for k, v in options.items() for a in ("--storage-option", f"{k}={json.dumps(v)}")]
+    assert main(["ls", s3_store.url, *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "client_kwargs" in err and "Traceback" not in err
+
+
+def test_missing_credentials_are_named_as_such_not_as_the_network(s3_store, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {k: v for k, v in s3_store.storage_options.items() if k not in ("key", "secret")}
+    with pytest.raises(StorageError, match=r"no credentials were found .*AWS_ACCESS_KEY_ID.*AWS_PROFILE.*key= and secret=") as err:
+        CheckpointManager(s3_store.url, storage_options={**options, "skip_instance_cache": True})
+    assert "network" not in str(err.value)
