@@ -31,6 +31,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_save_memory.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_history.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .hypothesis *.egg-info

@@ -25,7 +25,6 @@ from .files import load, save
 from .manager import CheckpointManager
 from .manifest import CheckpointInfo
 from .partial import LoadReport, load_partial
-from .results import Restored, RootListing
 from .rng import RNGState
 
 __version__ = "0.1.0"
@@ -42,8 +41,6 @@ __all__ = [
     "LoadReport",
     "MissingDependency",
     "RNGState",
-    "Restored",
-    "RootListing",
     "StateMismatchError",
     "StorageError",
     "UnsafeCheckpointError",

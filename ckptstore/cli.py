@@ -212,6 +212,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"{verb} {info.name} (step {info.step}, {info.size:,} bytes)")
     if not args.yes and doomed:
         print("dry run: pass --yes to delete")
+    if not doomed:  # say so: an exit with no output reads as "done" whatever the policy was
+        print(f"nothing to delete: the policy keeps every checkpoint under {mgr.root}"
+              + ("" if args.keep_last else " (no --keep-last: all are kept)"))
     return 0
 
 
@@ -224,7 +227,8 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-BENCH_SCRIPTS = {"suite": "bench_suite.py", "save-memory": "bench_save_memory.py", "load": "bench_load.py"}
+BENCH_SCRIPTS = {"suite": "bench_suite.py", "save-memory": "bench_save_memory.py", "load": "bench_load.py",
+                 "history": "bench_history.py"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -302,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(func=_cmd_delete)
 
     bench = add("bench", "run a benchmark of the source checkout; extra arguments go to the script",
-                "ckptstore bench suite --quick   (or: save-memory, load; see benchmarks/README.md)", store=False)
+                "ckptstore bench suite --quick   (or: save-memory, load, history; see benchmarks/README.md)", store=False)
     bench.add_argument("which", choices=sorted(BENCH_SCRIPTS), nargs="?", default="suite")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     bench.set_defaults(func=_cmd_bench)

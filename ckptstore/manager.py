@@ -301,7 +301,7 @@ class CheckpointManager:
 
         Stateful entries (modules, optimizers, schedulers, :class:`RNGState`) get
         ``load_state_dict``; tensors are filled with ``copy_``. The returned dict holds
-        everything else that was saved; it is a :class:`Restored`, whose ``checkpoint`` says
+        everything else that was saved; it is a :class:`~ckptstore.results.Restored`, whose ``checkpoint`` says
         which checkpoint was restored and ``missing`` which entries of ``state`` it lacked.
         Returns None when the root has no checkpoint.
 

@@ -129,10 +129,24 @@ def load_partial(
             f"strict load from {storage.url(name)}: missing {report.missing}, unexpected {report.unexpected}, "
             f"shape mismatches {report.skipped_shape}"
         )
+    if targets and not selected and not report.skipped_shape:  # a load that would do nothing is a mistake
+        raise StateMismatchError(_nothing_matches(storage.url(name), prefix, sources, renamed, targets))
     _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
     report.loaded = sorted(k for _, k in selected)
     report.unexpected.sort()
     return report
+
+
+def _nothing_matches(where: str, prefix: str | None, sources: dict[str, Any], renamed: dict[str, Any],
+                     targets: dict[str, torch.Tensor]) -> str:
+    """Why no tensor of ``where`` fits the target: a load that would do nothing is an error, not an empty report."""
+    if not sources:
+        return (f"{where} holds no tensor under {prefix!r}" if prefix else f"{where} holds no tensor") + \
+            "; pass key= with the state entry that holds the weights" * bool(prefix)
+    theirs, ours = sorted(renamed)[:3], sorted(targets)[:3]
+    return (f"no tensor of {where} has a name the target has: the file's look like {theirs}, the target's like {ours}; "
+            "nothing was loaded. Map the names with key_map= (e.g. a prefix such as 'module.' from DDP), or pick the "
+            "state entry with key=")
 
 
 def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The benchmark suite still runs: `ckptstore bench suite` at 1 MiB on local disk and memory://, one round.
+"""The benchmarks still run: `ckptstore bench suite` at 1 MiB on local disk and memory://, one round,
+and `benchmarks/bench_history.py` on roots of 1 and 3 checkpoints, one round.
 
-A smoke test of the code path, not a measurement (the figures live in benchmarks/RESULTS.md).
+Smoke tests of the code paths, not measurements (the figures live in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
+HISTORY = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_history.py"
 
 
 @pytest.mark.slow
@@ -30,3 +33,21 @@ def test_bench_suite_runs_every_operation_and_checks_its_results(tmp_path):
     assert {r["store"] for r in runs} == {"local", "memory"}
     bad = [r for r in runs if r["status"] != "ok" or not r["ok"]]
     assert not bad, bad[:3]  # every cell ran and its result checked out (values read back, sizes)
+
+
+@pytest.mark.slow
+def test_bench_history_measures_every_call_at_every_size_and_writes_its_section(tmp_path):
+    out, results = tmp_path / "history.json", tmp_path / "RESULTS.md"  # never the real RESULTS.md
+    done = subprocess.run(
+        [sys.executable, str(HISTORY), "--sizes", "1,3", "--saves", "1", "--out", str(out), "--results-md", str(results)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(r["n"] for r in runs) == [1, 3]
+    for run in runs:
+        assert set(run["ops"]) == {"cold-save", "warm-save", "latest", "raw-list"}
+        assert run["ops"]["cold-save"]["kinds"]["GET manifest"] == run["n"]  # a new manager reads every manifest
+        assert run["ops"]["warm-save"]["kinds"]["GET manifest"] <= 1  # a warm one, only the one it has not seen
+        assert run["ops"]["warm-save"]["kinds"]["LIST"] == 1
+    assert "## Save cost against history (bench_history.py)" in results.read_text()

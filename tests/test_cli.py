@@ -108,6 +108,8 @@ def test_prune_is_a_dry_run_unless_yes(tmp_path):
                                                       {"name": "step_00000001", "step": 1, "size": plan["checkpoints"][1]["size"]}]}
     out = run("prune", str(tmp_path), "--keep-last", "2", "--yes")
     assert out.returncode == 0 and [c.step for c in mgr.checkpoints()] == [2, 3]
+    assert "nothing to delete" in run("prune", str(tmp_path), "--keep-last", "2").stdout
+    assert "no --keep-last: all are kept" in run("prune", str(tmp_path)).stdout
 
 
 def test_every_command_has_help_with_an_example():

@@ -151,3 +151,20 @@ def test_missing_credentials_are_named_as_such_not_as_the_network(s3_store, monk
     with pytest.raises(StorageError, match=r"no credentials were found .*AWS_ACCESS_KEY_ID.*AWS_PROFILE.*key= and secret=") as err:
         CheckpointManager(s3_store.url, storage_options={**options, "skip_instance_cache": True})
     assert "network" not in str(err.value)
+
+
+# -- the same kind: a partial load that would load nothing is an error, not an empty report ---------------------
+
+
+def test_a_partial_load_that_matches_nothing_says_why_instead_of_loading_nothing(store):
+    source = torch.nn.Linear(3, 3)
+    manager(store).save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, step=1)
+    target = torch.nn.Linear(3, 3)
+    before = target.weight.clone()
+    with pytest.raises(StateMismatchError, match=r"the file's look like \['module.bias'.*key_map="):
+        manager(store).load_partial(target)
+    assert torch.equal(target.weight, before)
+    with pytest.raises(StateMismatchError, match=r"holds no tensor under 'net'; pass key="):
+        manager(store).load_partial(target, key="net")
+    report = manager(store).load_partial(target, key_map={"module.": ""})  # told how: it loads
+    assert report.loaded == ["bias", "weight"] and torch.equal(target.weight, source.weight)
