@@ -40,7 +40,8 @@ import torch
 
 from . import tree as treelib
 from .errors import CorruptCheckpointError
-from .partial import LoadReport, plan, resolve
+from .manifest import CheckpointInfo
+from .partial import LoadReport, opened, plan
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent
@@ -70,18 +71,20 @@ def convert(
         >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
         tensor([1., 1.])
     """
-    reader = _open_source(src, storage_options)
     out_storage, out_name = open_parent(dst, storage_options)
-    out_storage.makedirs()
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
-    tree, regions = reader.plan()  # also what proves the source is a torch or safetensors file
-    with out_storage.open_write(out_name, size_hint=reader.size) as raw:
-        out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
-        if reader.is_zip != to_safetensors:  # the same format: copy the file as it is
-            reader.copy(0, reader.size, out)
-        else:
-            (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
-        reader.finish()  # checks the source checksum before the destination is committed
+    report = LoadReport()
+    with opened(src, storage_options, report) as (storage, name, info):
+        reader = _source(storage, name, None if report.read_whole else info)  # a re-zipped pre-1.6 file: no CRC to check
+        tree, regions = reader.plan()  # also what proves the source is a torch or safetensors file
+        out_storage.makedirs()
+        with out_storage.open_write(out_name, size_hint=reader.size) as raw:
+            out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
+            if reader.is_zip != to_safetensors:  # the same format: copy the file as it is
+                reader.copy(0, reader.size, out)
+            else:
+                (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
+            reader.finish()  # checks the source checksum before the destination is committed
     return out.size
 
 
@@ -161,8 +164,8 @@ class _Source:
                 raise CorruptCheckpointError(f"{self.where}: the zip member at {header_offset} is not laid out as torch.save writes it")
 
 
-def _open_source(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> _Source:
-    storage, name, info = resolve(url, storage_options)
+def _source(storage: FsspecStorage, name: str, info: CheckpointInfo | None) -> _Source:
+    """The source to read; ``info``'s size and CRC32C are checked (None: a plain file, nothing to check)."""
     if info is None:
         return _Source(storage, name, None)
     entry = info.files[0]

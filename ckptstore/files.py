@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from . import tree as treelib
-from .errors import CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError
 from .safetensors_header import header_length, parse_header
-from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, format_for_path
+from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, TorchFormat, format_for_path
+from .sniff import HEAD_BYTES, file_format
 from .storage import open_parent
 from .torch_zip import data_pickles
 
@@ -52,8 +53,9 @@ def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | Non
     """
     storage, name = open_parent(url, storage_options)
     where = storage.url(name)
+    size = storage.size(name)
     with storage.open_read(name) as f:
-        if f.read(4) == b"PK\x03\x04":
+        if file_format(f.read(HEAD_BYTES), where) == "torch":
             f.seek(0)
             try:
                 archive = zipfile.ZipFile(f)
@@ -66,23 +68,35 @@ def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | Non
                 raise CorruptCheckpointError(f"{where} is a sound zip archive but not a torch checkpoint (no single "
                                              "<archive>/data.pkl)")
             return
-    size = storage.size(name)
     length = header_length(storage.read(name, 0, min(8, size)), size, where)
     parse_header(storage.read(name, 8, 8 + length), size, where)
 
 
 def load(
-    url: str | os.PathLike[str], *, map_location: MapLocation = None, weights_only: bool = True,
+    url: str | os.PathLike[str], *, map_location: MapLocation = None, weights_only: bool = True, mmap: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a file written by :func:`save`, ``torch.save`` or ``safetensors`` from any URL.
+    """Load a file written by :func:`save`, ``torch.save`` (any version) or ``safetensors`` from any URL.
+
+    The format is found from the file's first bytes, not its name. The returned tensors own
+    their memory. ``mmap=True`` memory-maps a torch file instead of reading it (no copy in
+    RAM), as ``torch.load(mmap=True)`` does; the tensors then *are* the file: rewriting it in
+    place (``torch.save`` to the same path, Lightning's ``last.ckpt``) changes them, and
+    truncating it makes touching them kill the process (SIGBUS). Remote files are mapped from
+    a private temporary copy, which nobody else writes.
 
     Raises:
         UnsafeCheckpointError: the file needs unpickling and ``weights_only`` is True.
-        CorruptCheckpointError: the file is truncated or not in its format.
+        CorruptCheckpointError: the file is truncated, or in neither format (the message says which).
         CheckpointNotFound: nothing at ``url``.
     """
     storage, name = open_parent(url, storage_options)
-    fmt = format_for_path(name)
-    tree = fmt.read(Source(storage, name, storage.size(name)), map_location, weights_only, None)
-    return treelib.decanonicalize(tree) if isinstance(fmt, SafetensorsFormat) else tree
+    size = storage.size(name)
+    kind = file_format(storage.read(name, 0, min(HEAD_BYTES, size)), storage.url(name))
+    if kind == "torch-legacy" and mmap:
+        raise ConfigError(f"{storage.url(name)} is a torch file from before torch 1.6, which cannot be memory-mapped; "
+                          "load it with mmap=False")
+    source = Source(storage, name, size)
+    if kind == "safetensors":
+        return treelib.decanonicalize(SafetensorsFormat().read(source, map_location, weights_only, None))
+    return TorchFormat().read(source, map_location, weights_only, None, mmap=mmap)

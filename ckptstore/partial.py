@@ -23,19 +23,23 @@ streams a whole checkpoint into the live state the same way (see :mod:`ckptstore
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import legacy
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
+from .sniff import HEAD_BYTES as HEAD_BYTES_SNIFF
+from .sniff import file_format
 from .storage import FsspecStorage, open_parent, open_storage
 from .torch_zip import TensorRef, read_plan
 from .transfer import ReadCounter, SourceTensor, Transfer, byte_view, itemsize, landable, scratch, shaped
@@ -63,6 +67,7 @@ class LoadReport:
     cast: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
     bytes_read: int = 0
     requests: int = 0
+    read_whole: bool = False  # the source had no index (a torch file from before 1.6): read whole, once
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,16 @@ def load_partial(
         >>> sorted(report.loaded), report.missing
         (['bias', 'weight'], [])
     """
-    storage, name, checkpoint = resolve(url, storage_options)
     report = LoadReport()
+    with opened(url, storage_options, report) as (storage, name, checkpoint):
+        return _load_partial(storage, name, checkpoint, report, target, device, key_map, key, strict, strict_dtype, max_buffer)
+
+
+def _load_partial(
+    storage: FsspecStorage, name: str, checkpoint: CheckpointInfo | None, report: LoadReport,
+    target: torch.nn.Module | dict[str, torch.Tensor], device: str | torch.device | None, key_map: KeyMap,
+    key: str | None, strict: bool, strict_dtype: bool, max_buffer: int,
+) -> LoadReport:
     sources = plan(storage, name, report).sources
     prefix = key if key is not None else ("model" if checkpoint else None)
     if prefix is not None:
@@ -158,13 +171,14 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
         >>> describe("memory://doc/describe/w.pt")["tensors"]
         [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
     """
-    storage, name, info = resolve(url, storage_options)
     report = LoadReport()
-    planned = plan(storage, name, report)
+    with opened(url, storage_options, report) as (storage, name, info):
+        planned = plan(storage, name, report)
+        where = os.fspath(url) if report.read_whole else storage.url(name)
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                 "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in planned.sources.items()]
-    out: dict[str, Any] = {"url": storage.url(name), "tensors": tensors, "values": planned.values,
-                           "header_bytes_read": report.bytes_read}
+    out: dict[str, Any] = {"url": where, "tensors": tensors, "values": planned.values,
+                           "header_bytes_read": report.bytes_read, "read_whole": report.read_whole}
     if info is not None:
         out["checkpoint"] = {"name": info.name, "step": info.step, "metrics": info.metrics, "format": info.format,
                              "created": info.created.isoformat(), "size": info.size}
@@ -172,6 +186,23 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
 
 
 # -- planning -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def opened(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, report: LoadReport,
+) -> Iterator[tuple[FsspecStorage, str, CheckpointInfo | None]]:
+    """:func:`resolve`, with the format found from the first bytes: a torch file from before 1.6
+    (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
+    storage, name, info = resolve(url, storage_options)
+    size = storage.size(name)
+    if file_format(_read(storage, name, 0, min(HEAD_BYTES_SNIFF, size), report), storage.url(name)) != "torch-legacy":
+        yield storage, name, info
+        return
+    report.read_whole = True
+    report.bytes_read += size
+    with legacy.as_zip(storage, name, size) as (folder, zipped):
+        yield folder, zipped, info
+
+
 def resolve(
     url: str | os.PathLike[str], storage_options: dict[str, Any] | None
 ) -> tuple[FsspecStorage, str, CheckpointInfo | None]:
@@ -195,7 +226,10 @@ def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | No
     size = storage.size(name) if size is None else size
     where = storage.url(name)
     head = _read(storage, name, 0, min(HEAD_BYTES, size), counter)  # length prefix and, usually, the header
-    if head[:4] == b"PK\x03\x04":
+    kind = file_format(head, where)
+    if kind == "torch-legacy":
+        raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
+    if kind == "torch":
         return _plan_torch(storage, name, where, counter)
     length = header_length(head[:8], size, where)
     raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, counter)

@@ -188,18 +188,21 @@ class TorchFormat:
     def write_plain(self, tensors: dict[str, torch.Tensor], out: ChecksumWriter) -> None:
         torch.save(dict(tensors), out)  # type: ignore[arg-type]
 
-    def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
-        """Local files are checksummed in one pass, then mmapped; remote ones are downloaded
-        once to a temp file (checksummed on the way) and mmapped, so memory stays bounded."""
+    def read(
+        self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None, *, mmap: bool = False,
+    ) -> Any:
+        """Local files are checksummed in one pass, then loaded; remote ones are downloaded once
+        to a temp file (checksummed on the way) and loaded from it. The tensors own their memory
+        unless ``mmap`` (see :func:`ckptstore.load`)."""
         local = src.storage.local_path(src.path)
         if local is not None:
             if expected_crc is not None:
                 read_checked(src, expected_crc)
-            return torch_load(local, src.where, map_location, weights_only)
+            return torch_load(local, src.where, map_location, weights_only, mmap)
         with tempfile.NamedTemporaryFile(prefix="ckptstore-", suffix=".pt") as tmp:
             read_checked(src, expected_crc, copy_to=tmp)
             tmp.flush()
-            return torch_load(tmp.name, src.where, map_location, weights_only)
+            return torch_load(tmp.name, src.where, map_location, weights_only, mmap)
 
 
 def read_checked(src: Source, expected_crc: int | None, *, copy_to: IO[bytes] | None = None,
@@ -227,10 +230,17 @@ def check_crc(actual: int, expected: int | None, where: str) -> None:
         )
 
 
-def torch_load(f: IO[bytes] | str, where: str, map_location: MapLocation, weights_only: bool) -> Any:
-    """``torch.load`` that turns refusals and damage into ckptstore errors."""
+def torch_load(path: str, where: str, map_location: MapLocation, weights_only: bool, mmap: bool = False) -> Any:
+    """``torch.load`` of the local file ``path`` that turns refusals and damage into ckptstore errors.
+
+    Read through a file object unless ``mmap``: given a path, torch decides by its name (a
+    ``.safetensors`` name is handed to safetensors), and the content has decided already.
+    """
     try:
-        return torch.load(f, map_location=map_location, weights_only=weights_only, mmap=isinstance(f, str))
+        if mmap:
+            return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if weights_only and "weights_only" in str(err):
             raise UnsafeCheckpointError(

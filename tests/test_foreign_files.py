@@ -1,0 +1,144 @@
+"""Files other tools wrote (issue 11, points 1 to 3): owned memory, the format found from the
+content, and torch files from before torch 1.6, on every store."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import ckptstore
+from ckptstore import ConfigError, CorruptCheckpointError
+from ckptstore.cli import main
+from ckptstore.convert import convert
+from ckptstore.partial import describe
+from ckptstore.storage import open_storage
+
+STATE = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.tensor([1, 2, 3], dtype=torch.int64)}
+
+
+def put(store, name: str, data: bytes) -> str:
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write(name) as f:
+        f.write(data)
+    return storage.url(name)
+
+
+def torch_bytes(obj, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf, **kwargs)
+    return buf.getvalue()
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def cli_options(store) -> list[str]:
+    return [arg for k, v in store.storage_options.items() for arg in ("--storage-option", f"{k}={json.dumps(v)}")]
+
+
+# -- point 1: tensors own their memory; mmap is an opt-in -------------------------------------------------
+
+
+def test_load_returns_tensors_that_a_rewrite_in_place_does_not_change(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"w": torch.zeros(1000)}, path)
+    owned = ckptstore.load(path)["w"]
+    mapped = ckptstore.load(path, mmap=True)["w"]
+    torch.save({"w": torch.ones(1000)}, path)  # the same inode, rewritten: what torch.save and Lightning do
+    assert owned.sum() == 0  # a copy: unchanged
+    assert mapped.sum() == 1000  # the opt-in: the tensor is the file, as documented
+
+
+def test_touching_loaded_tensors_after_the_file_is_truncated_does_not_kill_the_process(tmp_path):
+    """Run in a child: were the tensors mapped, the truncation would end it with SIGBUS."""
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2**20)}, path)
+    script = (f"import ckptstore; w = ckptstore.load({str(path)!r})['w']; open({str(path)!r}, 'wb').close(); "
+              "print(float(w.sum()))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == str(float(2**20)), (done.returncode, done.stderr[-500:])
+
+
+def test_a_legacy_file_cannot_be_memory_mapped_and_says_so(tmp_path):
+    path = tmp_path / "old.pt"
+    path.write_bytes(torch_bytes(STATE, _use_new_zipfile_serialization=False))
+    with pytest.raises(ConfigError, match=r"before torch 1\.6.*mmap=False"):
+        ckptstore.load(path, mmap=True)
+
+
+# -- point 2: the format comes from the content, not the name ---------------------------------------------
+
+
+def test_a_safetensors_file_named_bin_and_a_torch_file_named_safetensors_read_everywhere(store):
+    st = put(store, "model.bin", safetensors.torch.save(STATE))
+    pt = put(store, "weights.safetensors", torch_bytes(STATE))
+    opts = store.storage_options
+    for url in (st, pt):
+        assert same(ckptstore.load(url, storage_options=opts), STATE)
+        target = {k: torch.zeros_like(v) for k, v in STATE.items()}
+        assert ckptstore.load_partial(url, target, storage_options=opts).loaded == ["b", "w"] and same(target, STATE)
+        assert sorted(t["name"] for t in describe(url, opts)["tensors"]) == ["b", "w"]
+    convert(st, store.join("from_bin.pt"), storage_options=opts)
+    assert same(ckptstore.load(store.join("from_bin.pt"), storage_options=opts), STATE)
+
+
+@pytest.mark.parametrize(("content", "seen"), [
+    (b"hello, this is text", "it starts with 68656c6c"),
+    (b"\x1f\x8b\x08\x00 gzip", "it is a gzip file"),
+    (b"\x93NUMPY\x01\x00", "it is a numpy .npy file"),
+    (b"", "it is empty"),
+])
+def test_a_file_in_neither_format_gets_one_line_saying_what_it_is_not(store, capsys, content, seen):
+    url = put(store, "mystery.bin", content)
+    opts = store.storage_options
+    calls = [
+        lambda: ckptstore.load(url, storage_options=opts),
+        lambda: ckptstore.load_partial(url, {"w": torch.zeros(1)}, storage_options=opts),
+        lambda: describe(url, opts),
+        lambda: convert(url, store.join("out.safetensors"), storage_options=opts),
+    ]
+    for call in calls:
+        with pytest.raises(CorruptCheckpointError, match=rf"is neither a torch file nor a safetensors file \({seen}"):
+            call()
+    for command in ("inspect", "verify"):
+        assert main([command, url, *cli_options(store)]) == 1
+        out = capsys.readouterr()
+        assert "neither a torch file nor a safetensors file" in out.out + out.err and "Traceback" not in out.err
+
+
+# -- point 3: torch files from before 1.6 -----------------------------------------------------------------
+
+
+def test_a_legacy_torch_file_reads_through_every_entry_point_and_says_it_was_read_whole(store):
+    data = torch_bytes(STATE, _use_new_zipfile_serialization=False)
+    url = put(store, "zoo_model.pth", data)
+    opts = store.storage_options
+    assert same(ckptstore.load(url, storage_options=opts), torch.load(io.BytesIO(data), weights_only=True))
+    target = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    report = ckptstore.load_partial(url, target, storage_options=opts)
+    assert report.loaded == ["b", "w"] and same(target, STATE)
+    assert report.read_whole and report.bytes_read >= len(data)  # no index: the report says so
+    described = describe(url, opts)
+    assert described["read_whole"] and described["url"] == url
+    assert {t["name"]: t["shape"] for t in described["tensors"]} == {"w": [3, 4], "b": [3]}
+    for dst in ("converted.safetensors", "converted.pt"):
+        convert(url, store.join(dst), storage_options=opts)
+        assert same(ckptstore.load(store.join(dst), storage_options=opts), STATE)
+
+
+class Custom:
+    """Any class: unpickling it would run code."""
+
+
+def test_a_legacy_file_with_pickled_objects_is_refused_as_unsafe(store):
+    url = put(store, "unsafe.pt", torch_bytes({"w": torch.ones(1), "obj": Custom()}, _use_new_zipfile_serialization=False))
+    with pytest.raises(ckptstore.UnsafeCheckpointError, match="weights_only=False"):
+        ckptstore.load_partial(url, {"w": torch.zeros(1)}, storage_options=store.storage_options)
