@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import legacy
+from .keys import ties, too_little_loaded
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
@@ -92,6 +93,7 @@ def load_partial(
     key: str | None = None,
     strict: bool = False,
     strict_dtype: bool = False,
+    min_loaded: float = 0.0,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     storage_options: dict[str, Any] | None = None,
 ) -> LoadReport:
@@ -99,6 +101,11 @@ def load_partial(
 
     ``url`` is a safetensors file, a ``torch.save`` file or a ckptstore checkpoint folder;
     for a checkpoint, ``key`` (default ``"model"``) picks the state entry to load from.
+    Nested entries of a file are addressed with ``/``: a Lightning ``.ckpt`` holds its weights
+    as ``state_dict/<name>``, so ``key="state_dict"`` (or ``key_map={"state_dict/": ""}``)
+    loads them. A target tensor that is the same memory as a loaded one (tied weights) counts
+    as loaded. A load that matches nothing raises ``StateMismatchError`` with the mapping that
+    would have matched; ``min_loaded`` (a fraction of the target's tensors) raises the bar.
 
     Example:
         >>> import ckptstore
@@ -110,13 +117,14 @@ def load_partial(
     """
     report = LoadReport()
     with opened(url, storage_options, report) as (storage, name, checkpoint):
-        return _load_partial(storage, name, checkpoint, report, target, device, key_map, key, strict, strict_dtype, max_buffer)
+        return _load_partial(storage, name, checkpoint, report, target, device, key_map, key, strict, strict_dtype, min_loaded,
+                             max_buffer)
 
 
 def _load_partial(
     storage: FsspecStorage, name: str, checkpoint: CheckpointInfo | None, report: LoadReport,
     target: torch.nn.Module | dict[str, torch.Tensor], device: str | torch.device | None, key_map: KeyMap,
-    key: str | None, strict: bool, strict_dtype: bool, max_buffer: int,
+    key: str | None, strict: bool, strict_dtype: bool, min_loaded: float, max_buffer: int,
 ) -> LoadReport:
     sources = plan(storage, name, report).sources
     prefix = key if key is not None else ("model" if checkpoint else None)
@@ -136,30 +144,20 @@ def _load_partial(
                     raise StateMismatchError(f"{k}: the file holds {src.dtype}, the target {targets[k].dtype} (strict_dtype=True)")
                 report.cast[k] = (src.dtype, targets[k].dtype)
             selected.append((src, k))
-    report.missing = sorted(set(targets) - {k for _, k in selected} - set(report.skipped_shape))
+    tied = ties(targets, {k for _, k in selected})  # stored once, loaded through the one they share memory with
+    report.missing = sorted(set(targets) - {k for _, k in selected} - set(report.skipped_shape) - tied)
     if strict and (report.missing or report.unexpected or report.skipped_shape):
         raise StateMismatchError(
             f"strict load from {storage.url(name)}: missing {report.missing}, unexpected {report.unexpected}, "
             f"shape mismatches {report.skipped_shape}"
         )
-    if targets and not selected and not report.skipped_shape:  # a load that would do nothing is a mistake
-        raise StateMismatchError(_nothing_matches(storage.url(name), prefix, sources, renamed, targets))
+    if targets and (not selected or len(selected) + len(tied) < min_loaded * len(targets)):  # a load of (almost) nothing
+        raise StateMismatchError(too_little_loaded(storage.url(name), prefix, list(sources), list(renamed), list(targets),
+                                                   len(selected) + len(tied)))
     _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
-    report.loaded = sorted(k for _, k in selected)
+    report.loaded = sorted({k for _, k in selected} | tied)
     report.unexpected.sort()
     return report
-
-
-def _nothing_matches(where: str, prefix: str | None, sources: dict[str, Any], renamed: dict[str, Any],
-                     targets: dict[str, torch.Tensor]) -> str:
-    """Why no tensor of ``where`` fits the target: a load that would do nothing is an error, not an empty report."""
-    if not sources:
-        return (f"{where} holds no tensor under {prefix!r}" if prefix else f"{where} holds no tensor") + \
-            "; pass key= with the state entry that holds the weights" * bool(prefix)
-    theirs, ours = sorted(renamed)[:3], sorted(targets)[:3]
-    return (f"no tensor of {where} has a name the target has: the file's look like {theirs}, the target's like {ours}; "
-            "nothing was loaded. Map the names with key_map= (e.g. a prefix such as 'module.' from DDP), or pick the "
-            "state entry with key=")
 
 
 def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -142,3 +142,51 @@ def test_a_legacy_file_with_pickled_objects_is_refused_as_unsafe(store):
     url = put(store, "unsafe.pt", torch_bytes({"w": torch.ones(1), "obj": Custom()}, _use_new_zipfile_serialization=False))
     with pytest.raises(ckptstore.UnsafeCheckpointError, match="weights_only=False"):
         ckptstore.load_partial(url, {"w": torch.zeros(1)}, storage_options=store.storage_options)
+
+
+# -- points 6 and 7: key mapping that cannot silently load nothing; tied weights ---------------------------
+
+
+class Tied(torch.nn.Module):
+    """GPT-2's shape in small: the output head is the embedding (one parameter, two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(10, 4)
+        self.body = torch.nn.Linear(4, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_a_lightning_style_nested_file_hints_at_its_addressing_and_loads_with_it(store):
+    source = torch.nn.Linear(4, 4)
+    url = put(store, "epoch=0.ckpt", torch_bytes({"epoch": 0, "state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}))
+    opts = store.storage_options
+    with pytest.raises(ckptstore.StateMismatchError,
+                       match=r"key_map=\{'state_dict/model.': ''\} would match 2 of 2.*addressed with '/'"):
+        ckptstore.load_partial(url, torch.nn.Linear(4, 4), key_map={"state_dict.": ""}, storage_options=opts)
+    target = torch.nn.Linear(4, 4)
+    report = ckptstore.load_partial(url, target, key="state_dict", key_map={"model.": ""}, storage_options=opts)
+    assert report.loaded == ["bias", "weight"] and torch.equal(target.weight, source.weight)
+
+
+def test_min_loaded_refuses_a_load_of_almost_nothing(store):
+    source = {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2), "d": torch.ones(2)}
+    url = put(store, "four.safetensors", safetensors.torch.save({"a": source["a"]}))
+    opts = store.storage_options
+    assert ckptstore.load_partial(url, dict(source), storage_options=opts).loaded == ["a"]  # partial is allowed ...
+    with pytest.raises(ckptstore.StateMismatchError, match=r"only 1 of the target's 4 tensors matched"):
+        ckptstore.load_partial(url, dict(source), min_loaded=0.5, storage_options=opts)  # ... down to a bar the caller sets
+
+
+def test_a_tied_weight_stored_once_counts_as_loaded_so_strict_passes(store):
+    torch.manual_seed(0)
+    source = Tied()
+    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # stored once, as HF does
+    url = put(store, "model.safetensors", safetensors.torch.save({k: v.contiguous() for k, v in state.items()}))
+    target = Tied()
+    report = ckptstore.load_partial(url, target, strict=True, storage_options=store.storage_options)
+    assert "lm_head.weight" in report.loaded and report.missing == []
+    assert torch.equal(target.lm_head.weight, source.wte.weight)
+    untied = {"wte.weight": torch.zeros(10, 4), "lm_head.weight": torch.zeros(10, 4)}  # separate memory: really missing
+    assert ckptstore.load_partial(url, untied, storage_options=store.storage_options).missing == ["lm_head.weight"]
