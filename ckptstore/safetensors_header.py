@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedValueError
 
 MAX_HEADER_BYTES = 100 * 2**20  # the stock library's own cap
 ALIGNMENT = 8
@@ -31,11 +31,19 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 }
 for _name, _code in (
     ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"),
+    ("float4_e2m1fn_x2", "F4"),
 ):
     if hasattr(torch, _name):
         DTYPE_CODES[getattr(torch, _name)] = _code
 DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+# Sub-byte codes: safetensors counts their elements, torch packs them ("F4": two 4-bit values per
+# byte of float4_e2m1fn_x2), so the last dimension differs by this factor between the two.
+PACKED = {"F4": 2}
+# Every code of the safetensors format (0.8): one without a torch dtype here is "unsupported",
+# any other string is damage.
+SPEC_CODES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64", "C64",
+              "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,9 @@ def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         if t.dtype not in DTYPE_CODES:
             raise CorruptCheckpointError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
         nbytes = t.numel() * t.element_size()
-        doc[key] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        code = DTYPE_CODES[t.dtype]
+        shape = [*t.shape[:-1], t.shape[-1] * PACKED[code]] if code in PACKED else list(t.shape)
+        doc[key] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     body += b" " * (-(8 + len(body)) % ALIGNMENT)  # spaces: the padding the format allows
@@ -129,12 +139,23 @@ def parse_header(raw: bytes, file_size: int, where: str) -> Header:
 def _entry(key: str, spec: object, data_start: int, where: str) -> TensorEntry:
     if not isinstance(spec, dict):
         raise CorruptCheckpointError(f"{where}: entry {key!r} is not an object")
-    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    code = spec.get("dtype")
+    if not isinstance(code, str):
+        raise CorruptCheckpointError(f"{where}: tensor {key!r} has no dtype")
+    dtype = DTYPES.get(code)
+    if dtype is None and code not in SPEC_CODES:
+        raise CorruptCheckpointError(f"{where}: tensor {key!r} has unknown dtype {code!r}")
     if dtype is None:
-        raise CorruptCheckpointError(f"{where}: tensor {key!r} has unknown dtype {spec.get('dtype')!r}")
+        raise UnsupportedValueError(f"{where}: tensor {key!r} has dtype {code}, which this torch cannot hold "
+                                    "(unsupported dtype)")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CorruptCheckpointError(f"{where}: tensor {key!r} has invalid shape {shape!r}")
+    if code in PACKED:
+        if not shape or shape[-1] % PACKED[code]:
+            raise CorruptCheckpointError(f"{where}: tensor {key!r} of {code} has shape {shape}, whose last dimension "
+                                         f"is not a multiple of {PACKED[code]}")
+        shape = [*shape[:-1], shape[-1] // PACKED[code]]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise CorruptCheckpointError(f"{where}: tensor {key!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets

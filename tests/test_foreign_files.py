@@ -190,3 +190,31 @@ def test_a_tied_weight_stored_once_counts_as_loaded_so_strict_passes(store):
     assert torch.equal(target.lm_head.weight, source.wte.weight)
     untied = {"wte.weight": torch.zeros(10, 4), "lm_head.weight": torch.zeros(10, 4)}  # separate memory: really missing
     assert ckptstore.load_partial(url, untied, storage_options=store.storage_options).missing == ["lm_head.weight"]
+
+
+# -- point 8: every dtype safetensors writes is read, or refused as unsupported, never called corrupt -----
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu, torch.float4_e2m1fn_x2,
+                                   torch.uint16, torch.uint32, torch.uint64, torch.bfloat16, torch.complex64, torch.bool])
+def test_every_safetensors_dtype_reads_back_bit_for_bit(store, dtype):
+    raw = torch.arange(16, dtype=torch.uint8).reshape(4, 4)
+    value = raw.view(dtype) if torch.empty((), dtype=dtype).element_size() == 1 else raw.view(-1).view(dtype).reshape(2, -1)
+    url = put(store, "dtypes.safetensors", safetensors.torch.save({"x": value}))  # the stock writer
+    opts = store.storage_options
+    for got in (ckptstore.load(url, storage_options=opts)["x"],
+                _partial(url, torch.zeros_like(value), opts)):
+        assert got.dtype == dtype and got.shape == value.shape
+        assert torch.equal(got.view(torch.uint8), value.view(torch.uint8))
+
+
+def _partial(url, target, opts):
+    ckptstore.load_partial(url, {"x": target}, storage_options=opts)
+    return target
+
+
+def test_a_dtype_torch_cannot_hold_is_refused_as_unsupported_not_corrupt(store):
+    header = json.dumps({"x": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}).encode()
+    url = put(store, "f6.safetensors", len(header).to_bytes(8, "little") + header + b"\0\0\0")
+    with pytest.raises(ckptstore.UnsupportedValueError, match=r"dtype F6_E2M3.*unsupported dtype"):
+        ckptstore.load(url, storage_options=store.storage_options)
