@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[s3,gcs,dev]'
+	$(PY) -m pip install -q $(TORCH) -e '.[s3,gcs,dev,frameworks]'
 	touch $@
 
 demo: $(VENV)/.installed

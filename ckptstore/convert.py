@@ -38,8 +38,9 @@ from typing import IO, Any, cast
 import crc32c
 import torch
 
+from . import shards
 from . import tree as treelib
-from .errors import CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError
 from .manifest import CheckpointInfo
 from .partial import LoadReport, opened, plan
 from .safetensors_header import build_header
@@ -71,6 +72,9 @@ def convert(
         >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
         tensor([1., 1.])
     """
+    if shards.find(src, storage_options) is not None:
+        raise ConfigError(f"{os.fspath(src)} is a sharded checkpoint; convert its shards one by one (each is a file), "
+                          "or ckptstore.load it whole and ckptstore.save the result")
     out_storage, out_name = open_parent(dst, storage_options)
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
     report = LoadReport()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import shards
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError
 from .safetensors_header import header_length, parse_header
@@ -78,6 +79,9 @@ def load(
 ) -> Any:
     """Load a file written by :func:`save`, ``torch.save`` (any version) or ``safetensors`` from any URL.
 
+    A Hugging Face shard index (``*.index.json``), or the folder that holds one, loads every
+    shard into one flat dict.
+
     The format is found from the file's first bytes, not its name. The returned tensors own
     their memory. ``mmap=True`` memory-maps a torch file instead of reading it (no copy in
     RAM), as ``torch.load(mmap=True)`` does; the tensors then *are* the file: rewriting it in
@@ -90,6 +94,11 @@ def load(
         CorruptCheckpointError: the file is truncated, or in neither format (the message says which).
         CheckpointNotFound: nothing at ``url``.
     """
+    index = shards.find(url, storage_options)
+    if index is not None:  # a Hugging Face sharded checkpoint: one flat dict of every shard's tensors
+        return {k: v for shard in index.shards
+                for k, v in load(index.storage.url(shard), map_location=map_location, weights_only=weights_only, mmap=mmap,
+                                 storage_options=storage_options).items()}
     storage, name = open_parent(url, storage_options)
     size = storage.size(name)
     kind = file_format(storage.read(name, 0, min(HEAD_BYTES, size)), storage.url(name))

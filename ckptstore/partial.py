@@ -29,11 +29,11 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from . import legacy
+from . import legacy, shards
 from .keys import ties, too_little_loaded
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
@@ -46,6 +46,7 @@ from .torch_zip import TensorRef, read_plan
 from .transfer import ReadCounter, SourceTensor, Transfer, byte_view, itemsize, landable, scratch, shaped
 from .tree import unflatten
 
+_T = TypeVar("_T")
 KeyMap = Mapping[str, str] | Callable[[str], str | None] | None
 Loader = Callable[[str, str], Any]
 DEFAULT_MAX_BUFFER = 256 * 2**20
@@ -116,22 +117,51 @@ def load_partial(
         (['bias', 'weight'], [])
     """
     report = LoadReport()
+    targets = _target_tensors(target)
+    index = shards.find(url, storage_options)
+    if index is not None:
+        return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer)
     with opened(url, storage_options, report) as (storage, name, checkpoint):
-        return _load_partial(storage, name, checkpoint, report, target, device, key_map, key, strict, strict_dtype, min_loaded,
-                             max_buffer)
+        sources = _under(plan(storage, name, report).sources, key if key is not None else ("model" if checkpoint else None))
+        selected = _select(storage.url(name), key, sources, report, targets, key_map, strict, strict_dtype, min_loaded)
+        _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
+    return report
 
 
-def _load_partial(
-    storage: FsspecStorage, name: str, checkpoint: CheckpointInfo | None, report: LoadReport,
+def _load_sharded(
+    index: shards.ShardIndex, report: LoadReport, targets: dict[str, torch.Tensor],
     target: torch.nn.Module | dict[str, torch.Tensor], device: str | torch.device | None, key_map: KeyMap,
     key: str | None, strict: bool, strict_dtype: bool, min_loaded: float, max_buffer: int,
 ) -> LoadReport:
-    sources = plan(storage, name, report).sources
-    prefix = key if key is not None else ("model" if checkpoint else None)
-    if prefix is not None:
-        sources = {k[len(prefix) + 1 :]: v for k, v in sources.items() if k.startswith(prefix + "/")}
+    """Plan only the shards that hold a tensor the target has; the rest are known by name from the index."""
+    names = _under({n: n for n in index.weight_map}, key)
+    wanted = {index.weight_map[original] for new, original in _rename(names, key_map).items() if new in targets}
+    sources: dict[str, SourceTensor] = {}
+    origin: dict[int, str] = {}  # id of a planned source -> its shard
+    for shard in sorted(wanted):
+        for k, src in _under(plan(index.storage, shard, report).sources, key).items():
+            sources[k], origin[id(src)] = src, shard
+    unplanned = {n: SourceTensor(n, torch.uint8, (-1,), 0, 0) for n in names if n not in sources}  # shape unknown: never fits
+    selected = _select(index.url, key, {**sources, **unplanned}, report, targets, key_map, strict, strict_dtype, min_loaded)
+    for shard in sorted(wanted):
+        mine = [(src, k) for src, k in selected if origin.get(id(src)) == shard]
+        _transfer(Transfer(index.storage, shard, max_buffer, report), mine, targets, target, device)
+    return report
+
+
+def _under(sources: dict[str, Any], prefix: str | None) -> dict[str, Any]:
+    """The entries under ``prefix/`` with the prefix removed (all of them for None)."""
+    if prefix is None:
+        return sources
+    return {k[len(prefix) + 1 :]: v for k, v in sources.items() if k.startswith(prefix + "/")}
+
+
+def _select(
+    where: str, prefix: str | None, sources: dict[str, SourceTensor], report: LoadReport, targets: dict[str, torch.Tensor],
+    key_map: KeyMap, strict: bool, strict_dtype: bool, min_loaded: float,
+) -> list[tuple[SourceTensor, str]]:
+    """The (source, target name) pairs to load; fills the report and raises what strict and min_loaded ask."""
     renamed = _rename(sources, key_map)
-    targets = _target_tensors(target)
     selected: list[tuple[SourceTensor, str]] = []
     for k, src in renamed.items():
         if k not in targets:
@@ -148,16 +178,15 @@ def _load_partial(
     report.missing = sorted(set(targets) - {k for _, k in selected} - set(report.skipped_shape) - tied)
     if strict and (report.missing or report.unexpected or report.skipped_shape):
         raise StateMismatchError(
-            f"strict load from {storage.url(name)}: missing {report.missing}, unexpected {report.unexpected}, "
+            f"strict load from {where}: missing {report.missing}, unexpected {report.unexpected}, "
             f"shape mismatches {report.skipped_shape}"
         )
     if targets and (not selected or len(selected) + len(tied) < min_loaded * len(targets)):  # a load of (almost) nothing
-        raise StateMismatchError(too_little_loaded(storage.url(name), prefix, list(sources), list(renamed), list(targets),
+        raise StateMismatchError(too_little_loaded(where, prefix, list(sources), list(renamed), list(targets),
                                                    len(selected) + len(tied)))
-    _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
     report.loaded = sorted({k for _, k in selected} | tied)
     report.unexpected.sort()
-    return report
+    return selected
 
 
 def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -170,12 +199,18 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
         [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
     """
     report = LoadReport()
-    with opened(url, storage_options, report) as (storage, name, info):
-        planned = plan(storage, name, report)
-        where = os.fspath(url) if report.read_whole else storage.url(name)
+    index = shards.find(url, storage_options)
+    if index is not None:  # every shard's header: a sharded file's tensors, and no other values
+        sources = {k: v for shard in index.shards for k, v in plan(index.storage, shard, report).sources.items()}
+        where, values, info = index.url, {"shards": index.shards}, None
+    else:
+        with opened(url, storage_options, report) as (storage, name, info):
+            planned = plan(storage, name, report)
+            where = os.fspath(url) if report.read_whole else storage.url(name)
+        sources, values = planned.sources, planned.values
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in planned.sources.items()]
-    out: dict[str, Any] = {"url": where, "tensors": tensors, "values": planned.values,
+                "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in sources.items()]
+    out: dict[str, Any] = {"url": where, "tensors": tensors, "values": values,
                            "header_bytes_read": report.bytes_read, "read_whole": report.read_whole}
     if info is not None:
         out["checkpoint"] = {"name": info.name, "step": info.step, "metrics": info.metrics, "format": info.format,
@@ -294,7 +329,7 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _rename(sources: dict[str, SourceTensor], key_map: KeyMap) -> dict[str, SourceTensor]:
+def _rename(sources: dict[str, _T], key_map: KeyMap) -> dict[str, _T]:
     if key_map is None:
         return sources
     out = {}

@@ -218,3 +218,44 @@ def test_a_dtype_torch_cannot_hold_is_refused_as_unsupported_not_corrupt(store):
     url = put(store, "f6.safetensors", len(header).to_bytes(8, "little") + header + b"\0\0\0")
     with pytest.raises(ckptstore.UnsupportedValueError, match=r"dtype F6_E2M3.*unsupported dtype"):
         ckptstore.load(url, storage_options=store.storage_options)
+
+
+# -- point 5: sharded checkpoints (shards + *.index.json), as Hugging Face writes them --------------------
+
+
+def sharded(store, kind: str) -> dict[str, torch.Tensor]:
+    """Two shards and an index, written as save_pretrained lays them out; returns every tensor."""
+    torch.manual_seed(0)
+    first = {"embed.weight": torch.randn(1024, 16), "layer.0.weight": torch.randn(16, 16)}
+    second = {"layer.1.weight": torch.randn(16, 16), "head.weight": torch.randn(4, 16)}
+    ext, stem = (".safetensors", "model") if kind == "safetensors" else (".bin", "pytorch_model")
+    files = {f"{stem}-00001-of-00002{ext}": first, f"{stem}-00002-of-00002{ext}": second}
+    for name, part in files.items():
+        put(store, f"hf/{name}", safetensors.torch.save(part) if kind == "safetensors" else torch_bytes(part))
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: name for name, part in files.items() for k in part}}
+    put(store, f"hf/{stem}{ext}.index.json", json.dumps(index).encode())
+    return {**first, **second}
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_sharded_checkpoint_loads_by_its_folder_or_its_index_reading_only_the_shards_needed(store, kind):
+    everything = sharded(store, kind)
+    opts = store.storage_options
+    index = store.join("hf/model.safetensors.index.json" if kind == "safetensors" else "hf/pytorch_model.bin.index.json")
+    for url in (store.join("hf"), index):
+        assert same(ckptstore.load(url, storage_options=opts), everything)
+        assert sorted(t["name"] for t in describe(url, opts)["tensors"]) == sorted(everything)
+    target = {"layer.1.weight": torch.zeros(16, 16), "head.weight": torch.zeros(4, 16)}  # all in the second shard
+    report = ckptstore.load_partial(store.join("hf"), target, storage_options=opts)
+    assert report.loaded == ["head.weight", "layer.1.weight"] and torch.equal(target["head.weight"], everything["head.weight"])
+    assert report.unexpected == ["embed.weight", "layer.0.weight"]  # known from the index, their shard never read
+    first_shard_bytes = (1024 * 16 + 16 * 16) * 4
+    assert report.bytes_read < first_shard_bytes  # the second shard's header and its two tensors' ranges only
+    with pytest.raises(ConfigError, match="sharded checkpoint; convert its shards one by one"):
+        convert(store.join("hf"), store.join("one.safetensors"), storage_options=opts)
+
+
+def test_a_shard_index_that_points_outside_its_folder_is_refused(store):
+    url = put(store, "evil/model.safetensors.index.json", json.dumps({"weight_map": {"w": "../secret.safetensors"}}).encode())
+    with pytest.raises(CorruptCheckpointError, match="not a file beside it"):
+        ckptstore.load_partial(url, {"w": torch.zeros(1)}, storage_options=store.storage_options)
