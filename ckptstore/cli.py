@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__, files
 from .convert import convert
-from .errors import CkptStoreError, ConfigError, CorruptCheckpointError
+from .errors import CkptStoreError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from .manager import CheckpointManager
 from .partial import describe, resolve
 from .serializers import TREE_METADATA_KEY
@@ -105,7 +105,10 @@ def _dim(text: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    desc = describe(args.url, _storage_options(args.storage_option))
+    try:
+        desc = describe(args.url, _storage_options(args.storage_option), weights_only=not args.trust_pickle)
+    except UnsafeCheckpointError as err:  # say it in this command's terms
+        raise UnsafeCheckpointError(str(err).replace("pass weights_only=False", "run ckptstore inspect --trust-pickle")) from err
     if args.json:
         print(json.dumps(desc, indent=1, default=str))
         return 0
@@ -272,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add("inspect", "show a file's or checkpoint's tensors and values from its header only",
                   "ckptstore inspect s3://bucket/runs/exp1/step_00000010", json_output=True)
     inspect.add_argument("url")
+    inspect.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle any object the file names (runs its code: only for files you trust)")
     inspect.set_defaults(func=_cmd_inspect)
 
     verify = add("verify", "check every checksum under a root, a checkpoint or a file; exit 1 on damage",

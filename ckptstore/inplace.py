@@ -75,7 +75,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from . import commit
-from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError, UnsupportedValueError
 from .fit import Marker, check_entries, check_module, check_optimizer, check_tensor, loads_as_torch, loads_key_for_key
 from .manifest import CheckpointInfo
 from .partial import DEFAULT_MAX_BUFFER, LoadReport, Plan, plan
@@ -161,7 +161,7 @@ def _restore(
     with _vanishing(where):
         try:
             planned: Plan | None = plan(data, path, report, size)
-        except (CorruptCheckpointError, UnsafeCheckpointError) as err:
+        except (CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError) as err:
             log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
             planned = None
         _same_file(f, where)  # the header planned is the descriptor's

@@ -95,6 +95,7 @@ def load_partial(
     strict: bool = False,
     strict_dtype: bool = False,
     min_loaded: float = 0.0,
+    weights_only: bool = True,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     storage_options: dict[str, Any] | None = None,
 ) -> LoadReport:
@@ -105,7 +106,9 @@ def load_partial(
     Nested entries of a file are addressed with ``/``: a Lightning ``.ckpt`` holds its weights
     as ``state_dict/<name>``, so ``key="state_dict"`` (or ``key_map={"state_dict/": ""}``)
     loads them. A target tensor that is the same memory as a loaded one (tied weights) counts
-    as loaded. A load that matches nothing raises ``StateMismatchError`` with the mapping that
+    as loaded. A torch file's ``data.pkl`` is read with what ``torch.load(weights_only=True)``
+    allows (sets, bytes, complex, your ``add_safe_globals``); ``weights_only=False`` allows any
+    global, for a file you trust. A load that matches nothing raises ``StateMismatchError`` with the mapping that
     would have matched; ``min_loaded`` (a fraction of the target's tensors) raises the bar.
 
     Example:
@@ -120,9 +123,11 @@ def load_partial(
     targets = _target_tensors(target)
     index = shards.find(url, storage_options)
     if index is not None:
-        return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer)
+        return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer,
+                             weights_only)
     with opened(url, storage_options, report) as (storage, name, checkpoint):
-        sources = _under(plan(storage, name, report).sources, key if key is not None else ("model" if checkpoint else None))
+        prefix = key if key is not None else ("model" if checkpoint else None)
+        sources = _under(plan(storage, name, report, weights_only=weights_only).sources, prefix)
         selected = _select(storage.url(name), key, sources, report, targets, key_map, strict, strict_dtype, min_loaded)
         _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
     return report
@@ -131,7 +136,7 @@ def load_partial(
 def _load_sharded(
     index: shards.ShardIndex, report: LoadReport, targets: dict[str, torch.Tensor],
     target: torch.nn.Module | dict[str, torch.Tensor], device: str | torch.device | None, key_map: KeyMap,
-    key: str | None, strict: bool, strict_dtype: bool, min_loaded: float, max_buffer: int,
+    key: str | None, strict: bool, strict_dtype: bool, min_loaded: float, max_buffer: int, weights_only: bool,
 ) -> LoadReport:
     """Plan only the shards that hold a tensor the target has; the rest are known by name from the index."""
     names = _under({n: n for n in index.weight_map}, key)
@@ -139,7 +144,7 @@ def _load_sharded(
     sources: dict[str, SourceTensor] = {}
     origin: dict[int, str] = {}  # id of a planned source -> its shard
     for shard in sorted(wanted):
-        for k, src in _under(plan(index.storage, shard, report).sources, key).items():
+        for k, src in _under(plan(index.storage, shard, report, weights_only=weights_only).sources, key).items():
             sources[k], origin[id(src)] = src, shard
     unplanned = {n: SourceTensor(n, torch.uint8, (-1,), 0, 0) for n in names if n not in sources}  # shape unknown: never fits
     selected = _select(index.url, key, {**sources, **unplanned}, report, targets, key_map, strict, strict_dtype, min_loaded)
@@ -189,8 +194,13 @@ def _select(
     return selected
 
 
-def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def describe(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, weights_only: bool = True,
+) -> dict[str, Any]:
     """Tensors (name, dtype, shape, bytes) and non-tensor values of a file, from its header only.
+
+    A torch file's values are unpickled with what ``torch.load(weights_only=True)`` allows;
+    ``weights_only=False`` allows any global, for a file you trust.
 
     Example:
         >>> import ckptstore
@@ -201,11 +211,12 @@ def describe(url: str | os.PathLike[str], storage_options: dict[str, Any] | None
     report = LoadReport()
     index = shards.find(url, storage_options)
     if index is not None:  # every shard's header: a sharded file's tensors, and no other values
-        sources = {k: v for shard in index.shards for k, v in plan(index.storage, shard, report).sources.items()}
+        sources = {k: v for shard in index.shards
+                   for k, v in plan(index.storage, shard, report, weights_only=weights_only).sources.items()}
         where, values, info = index.url, {"shards": index.shards}, None
     else:
         with opened(url, storage_options, report) as (storage, name, info):
-            planned = plan(storage, name, report)
+            planned = plan(storage, name, report, weights_only=weights_only)
             where = os.fspath(url) if report.read_whole else storage.url(name)
         sources, values = planned.sources, planned.values
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
@@ -249,7 +260,7 @@ def resolve(
     return folder, info.files[0].path, info
 
 
-def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None) -> Plan:
+def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None, *, weights_only: bool = True) -> Plan:
     """Plan the safetensors or torch file ``name`` from its header alone (see :class:`Plan`).
 
     Raises:
@@ -263,7 +274,7 @@ def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | No
     if kind == "torch-legacy":
         raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
     if kind == "torch":
-        return _plan_torch(storage, name, where, counter)
+        return _plan_torch(storage, name, where, counter, trusted=not weights_only)
     length = header_length(head[:8], size, where)
     raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, counter)
     header = parse_header(raw, size, where)
@@ -279,10 +290,10 @@ def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | No
     return Plan(sources, metadata, lambda load: unflatten(skeleton, load))
 
 
-def _plan_torch(storage: FsspecStorage, name: str, where: str, counter: ReadCounter) -> Plan:
+def _plan_torch(storage: FsspecStorage, name: str, where: str, counter: ReadCounter, trusted: bool) -> Plan:
     with storage.open_read(name, exact=True) as f:
         counted = _CountingFile(f)
-        refs, header_offsets, obj = read_plan(counted, where)  # type: ignore[arg-type]
+        refs, header_offsets, obj = read_plan(counted, where, trusted)  # type: ignore[arg-type]
     counter.bytes_read += counted.bytes_read
     counter.requests += counted.reads
     sources = {}

@@ -11,6 +11,7 @@ is imported, so a hostile pickle never runs.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import math
 import pickle
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
+from torch import _weights_only_unpickler
 
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 
 MAX_PICKLE_BYTES = 64 * 2**20
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
@@ -61,8 +63,14 @@ class TensorRef:
         return self.offset * self.itemsize, (last + 1) * self.itemsize
 
 
-def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str, tuple[int, int]], Any]:
+def read_plan(
+    f: IO[bytes], where: str, trusted: bool = False,
+) -> tuple[dict[str, TensorRef], dict[str, tuple[int, int]], Any]:
     """Return ``({key: TensorRef}, {member: (header_offset, predicted data start)}, object)``.
+
+    ``data.pkl`` is unpickled with what ``torch.load(weights_only=True)`` allows (its list and
+    the user's safe globals, tensors replaced by references); ``trusted`` allows any global, as
+    ``weights_only=False`` does.
 
     ``object`` is the saved object with every tensor replaced by its :class:`TensorRef`.
 
@@ -84,7 +92,7 @@ def read_plan(f: IO[bytes], where: str) -> tuple[dict[str, TensorRef], dict[str,
         payload = archive.read(info)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CorruptCheckpointError(f"{where}: cannot read data.pkl: {err}") from err
-    obj = _PlanUnpickler(io.BytesIO(payload), prefix, infos, where).load_checked()
+    obj = _PlanUnpickler(io.BytesIO(payload), prefix, infos, where, trusted).load_checked()
     tensors: dict[str, TensorRef] = collect(obj, lambda v: isinstance(v, TensorRef))
     starts = {name: predicted_data_start(i.header_offset, name, i.file_size) for name, i in infos.items()}
     offsets = {name: (i.header_offset, starts[name]) for name, i in infos.items()}
@@ -141,14 +149,14 @@ class _TypedStorage:
 
 
 class _PlanUnpickler(pickle.Unpickler):
-    def __init__(self, f: IO[bytes], prefix: str, infos: dict[str, zipfile.ZipInfo], where: str) -> None:
+    def __init__(self, f: IO[bytes], prefix: str, infos: dict[str, zipfile.ZipInfo], where: str, trusted: bool) -> None:
         super().__init__(f)
-        self.prefix, self.infos, self.where = prefix, infos, where
+        self.prefix, self.infos, self.where, self.trusted = prefix, infos, where, trusted
 
     def load_checked(self) -> Any:
         try:
             return self.load()
-        except (UnsafeCheckpointError, CorruptCheckpointError):
+        except (UnsafeCheckpointError, CorruptCheckpointError, UnsupportedValueError):
             raise
         except Exception as err:
             raise CorruptCheckpointError(f"{self.where}: data.pkl cannot be planned: {err!r}") from err
@@ -173,9 +181,17 @@ class _PlanUnpickler(pickle.Unpickler):
                 return _TypedStorage(torch.storage._get_dtype_from_pickle_storage_type(name))
             except KeyError:
                 pass
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # torch.save pickles with protocol 2: Python 2 names
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        allowed_by_torch = _torch_allows(module, name, self.where)
+        if allowed_by_torch is not None:
+            return allowed_by_torch
+        if self.trusted:
+            return super().find_class(module, name)
         raise UnsafeCheckpointError(
-            f"{self.where}: data.pkl references {module}.{name}; the partial loader reads only tensors and "
-            "plain containers and never imports arbitrary globals"
+            f"{self.where}: data.pkl references {module}.{name}, which torch.load(weights_only=True) refuses too "
+            "(unpickling it can run code); if you trust the file, pass weights_only=False"
         )
 
     def persistent_load(self, pid: Any) -> Any:
@@ -190,6 +206,23 @@ class _PlanUnpickler(pickle.Unpickler):
         if info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
             raise CorruptCheckpointError(f"{self.where}: storage {key!r} holds {info.file_size} bytes, data.pkl says {nbytes}")
         return (StorageRef(member, nbytes, str(location)), storage_type.dtype)
+
+
+def _torch_allows(module: str, name: str, where: str) -> Any:
+    """The global ``module.name`` if ``torch.load(weights_only=True)`` allows it (its own list, and what the
+    user registered with ``torch.serialization.add_safe_globals``/``safe_globals``), else None.
+
+    Tensor constructors beyond the dense ones planned here (sparse, quantized, nested, subclasses)
+    cannot be planned by byte range: they raise UnsupportedValueError, pointing at ``ckptstore.load``.
+    """
+    full = f"{module}.{name}"
+    found = _weights_only_unpickler._get_allowed_globals().get(full, _weights_only_unpickler._get_user_allowed_globals().get(full))
+    if found is None:
+        return None
+    if "_rebuild" in name or name.endswith("Tensor") or (isinstance(found, type) and issubclass(found, torch.Tensor)):
+        raise UnsupportedValueError(f"{where}: data.pkl builds a tensor with {full} (sparse, quantized or a subclass), which cannot "
+                                    "be read by byte range; ckptstore.load reads the file whole")
+    return found
 
 
 def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:

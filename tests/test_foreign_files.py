@@ -259,3 +259,52 @@ def test_a_shard_index_that_points_outside_its_folder_is_refused(store):
     url = put(store, "evil/model.safetensors.index.json", json.dumps({"weight_map": {"w": "../secret.safetensors"}}).encode())
     with pytest.raises(CorruptCheckpointError, match="not a file beside it"):
         ckptstore.load_partial(url, {"w": torch.zeros(1)}, storage_options=store.storage_options)
+
+
+# -- point 4: the torch planner accepts what torch.load(weights_only=True) accepts -----------------------
+
+
+class Registered:
+    """A user class, allowed only once registered with torch.serialization.add_safe_globals."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+
+def test_the_planner_accepts_bytes_sets_complex_as_torch_load_weights_only_does(store):
+    state = {"w": torch.ones(2), "hp": {"tags": {"a", "b"}, "blob": b"\x00\x01", "z": 1 + 2j, "raw": bytearray(b"xy")}}
+    url = put(store, "values.pt", torch_bytes(state))
+    opts = store.storage_options
+    stock = torch.load(io.BytesIO(torch_bytes(state)), weights_only=True)
+    assert describe(url, opts)["values"]["hp"] == stock["hp"]
+    target = {"w": torch.zeros(2)}
+    assert ckptstore.load_partial(url, target, storage_options=opts).loaded == ["w"] and torch.equal(target["w"], state["w"])
+    convert(url, store.join("copy.pt"), storage_options=opts)
+    assert ckptstore.load(store.join("copy.pt"), storage_options=opts)["hp"] == stock["hp"]
+
+
+def test_a_user_class_needs_safe_globals_or_weights_only_false_as_in_torch_load(store):
+    url = put(store, "custom.pt", torch_bytes({"w": torch.ones(2), "cfg": Registered(3)}))
+    opts = store.storage_options
+    with pytest.raises(ckptstore.UnsafeCheckpointError, match=r"Registered, which torch.load\(weights_only=True\) refuses too.*"
+                                                              r"weights_only=False"):
+        describe(url, opts)
+    assert describe(url, opts, weights_only=False)["values"]["cfg"].value == 3  # trusted: the caller's explicit choice
+    with torch.serialization.safe_globals([Registered]):  # torch's own registry, honoured as torch.load honours it
+        assert describe(url, opts)["values"]["cfg"].value == 3
+        assert ckptstore.load_partial(url, {"w": torch.zeros(2)}, storage_options=opts).loaded == ["w"]
+
+
+def test_a_sparse_tensor_cannot_be_planned_and_says_what_reads_it(store):
+    url = put(store, "sparse.pt", torch_bytes({"w": torch.eye(3).to_sparse()}))
+    with pytest.raises(ckptstore.UnsupportedValueError, match=r"_rebuild_sparse_tensor.*ckptstore\.load reads the file whole"):
+        describe(url, store.storage_options)
+    assert torch.equal(ckptstore.load(url, storage_options=store.storage_options)["w"].to_dense(), torch.eye(3))
+
+
+def test_inspect_names_its_own_flag_for_a_file_it_must_trust(store, capsys):
+    url = put(store, "custom.pt", torch_bytes({"w": torch.ones(2), "cfg": Registered(3)}))
+    assert main(["inspect", url, *cli_options(store)]) == 1
+    err = capsys.readouterr().err
+    assert "ckptstore inspect --trust-pickle" in err and "weights_only=False" not in err
+    assert main(["inspect", url, "--trust-pickle", *cli_options(store)]) == 0

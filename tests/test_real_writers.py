@@ -8,7 +8,6 @@ GPT-2 as one safetensors file and sharded with an index (plus ``pytorch_model*.b
 ``load_from_checkpoint``. Every comparison is tensor for tensor: same dtype, shape and values.
 
 Lightning and transformers are the ``frameworks`` extra; a test whose library is absent skips.
-Tests marked ``xfail(strict=True)`` name the part of issue 11 that will make them pass.
 """
 
 from __future__ import annotations
@@ -33,9 +32,6 @@ from ckptstore.partial import describe
 from ckptstore.storage import open_storage
 
 NOTES = {"tags": {"warmup", "ema"}, "salt": b"\x00\xffsalt", "phase": 1 + 2j}  # hyperparameters torch.load accepts
-
-odd_values = pytest.mark.xfail(strict=True, reason="issue 11 point 4: bytes, set and complex values in torch files")
-
 
 # -- fixtures: the files, written once ----------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -229,7 +225,6 @@ def test_lightning_hyperparameters_bytes_set_complex_load(lit):
     assert_same(ckptstore.load(lit.odd), stock)
 
 
-@odd_values
 def test_lightning_hyperparameters_bytes_set_complex_load_partial(lit):
     target = lit.cls(width=8, classes=3)
     report = load_partial(lit.odd, target, key="state_dict", strict=True)
@@ -237,7 +232,6 @@ def test_lightning_hyperparameters_bytes_set_complex_load_partial(lit):
     assert_same_state(target.state_dict(), torch.load(lit.odd, weights_only=True)["state_dict"])
 
 
-@odd_values
 def test_lightning_hyperparameters_bytes_set_complex_describe(lit):
     stock = torch.load(lit.odd, weights_only=True)
     desc = describe(lit.odd)
@@ -245,7 +239,6 @@ def test_lightning_hyperparameters_bytes_set_complex_describe(lit):
     assert desc["values"]["hyper_parameters"]["width"] == 8 and "notes" in desc["values"]["hyper_parameters"]
 
 
-@odd_values
 def test_lightning_hyperparameters_bytes_set_complex_convert(lit, tmp_path):
     convert(lit.odd, tmp_path / "odd.ckpt")
     assert_same(torch.load(tmp_path / "odd.ckpt", weights_only=True), torch.load(lit.odd, weights_only=True))
