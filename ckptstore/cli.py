@@ -182,7 +182,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
     storage, name, _ = resolve(args.src, options)
     with _progress(f"convert {posixpath.basename(args.dst)}", storage.size(name)) as progress:  # out ~ in, headers aside
-        written = convert(args.src, args.dst, storage_options=options, progress=progress)
+        try:
+            written = convert(args.src, args.dst, storage_options=options, progress=progress, weights_only=not args.trust_pickle)
+        except UnsafeCheckpointError as err:  # say it in this command's terms
+            raise UnsafeCheckpointError(str(err).replace("pass weights_only=False", "run ckptstore convert --trust-pickle")) from err
     print(f"{args.src} -> {args.dst} ({written:,} bytes)")
     return 0
 
@@ -288,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                "streaming (memory: a few MiB, whatever the size)", "ckptstore convert s3://bucket/model.pt ./model.safetensors")
     conv.add_argument("src", help="a .pt or .safetensors file, or a checkpoint folder (its checksum is checked)")
     conv.add_argument("dst", help="the format follows the extension: .safetensors, else torch")
+    conv.add_argument("--trust-pickle", action="store_true",
+                      help="unpickle any object the source names (runs its code: only for files you trust)")
     conv.set_defaults(func=_cmd_convert)
 
     prune = add("prune", "apply a retention policy; shows what it would delete unless --yes",

@@ -56,9 +56,13 @@ Progress = Callable[[int], None]
 
 def convert(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-    storage_options: dict[str, Any] | None = None, progress: Progress | None = None,
+    storage_options: dict[str, Any] | None = None, progress: Progress | None = None, weights_only: bool = True,
 ) -> int:
     """Convert ``src`` (a file or a checkpoint folder) to ``dst``; return the bytes written.
+
+    A torch source's ``data.pkl`` is read with what ``torch.load(weights_only=True)`` allows;
+    ``weights_only=False`` allows any global, for a file you trust (a torch destination then
+    keeps those objects; safetensors can hold none of them).
 
     The destination format follows its extension: ``.safetensors``, else torch. The result
     is what :func:`ckptstore.save` writes for the same state, readable by stock
@@ -80,7 +84,7 @@ def convert(
     report = LoadReport()
     with opened(src, storage_options, report) as (storage, name, info):
         reader = _source(storage, name, None if report.read_whole else info)  # a re-zipped pre-1.6 file: no CRC to check
-        tree, regions = reader.plan()  # also what proves the source is a torch or safetensors file
+        tree, regions = reader.plan(weights_only)  # also what proves the source is a torch or safetensors file
         out_storage.makedirs()
         with out_storage.open_write(out_name, size_hint=reader.size) as raw:
             out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
@@ -140,9 +144,9 @@ class _Source:
             self.read(self.size, self.size)  # the unread tail, summed
             check_crc(self.crc, self.expected_crc, self.where)
 
-    def plan(self) -> tuple[Any, dict[int, SourceTensor]]:
+    def plan(self, weights_only: bool) -> tuple[Any, dict[int, SourceTensor]]:
         """The state tree with placeholder tensors, and where each placeholder's bytes are."""
-        planned = plan(self.storage, self.name, LoadReport(), self.size)
+        planned = plan(self.storage, self.name, LoadReport(), self.size, weights_only=weights_only)
         placeholders: dict[str, torch.Tensor] = {}
         regions: dict[int, SourceTensor] = {}
 

@@ -308,3 +308,14 @@ def test_inspect_names_its_own_flag_for_a_file_it_must_trust(store, capsys):
     err = capsys.readouterr().err
     assert "ckptstore inspect --trust-pickle" in err and "weights_only=False" not in err
     assert main(["inspect", url, "--trust-pickle", *cli_options(store)]) == 0
+
+
+def test_convert_of_a_file_it_must_trust_needs_the_opt_in_and_then_keeps_the_objects(store, capsys):
+    url = put(store, "custom.pt", torch_bytes({"w": torch.ones(2), "cfg": Registered(3)}))
+    opts = store.storage_options
+    with pytest.raises(ckptstore.UnsafeCheckpointError, match="weights_only=False"):
+        convert(url, store.join("copy.pt"), storage_options=opts)
+    assert main(["convert", url, store.join("copy.pt"), *cli_options(store)]) == 1
+    assert "ckptstore convert --trust-pickle" in capsys.readouterr().err
+    convert(url, store.join("copy.pt"), storage_options=opts, weights_only=False)
+    assert ckptstore.load(store.join("copy.pt"), weights_only=False, storage_options=opts)["cfg"].value == 3
