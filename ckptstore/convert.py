@@ -82,9 +82,9 @@ def convert(
     out_storage, out_name = open_parent(dst, storage_options)
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
     report = LoadReport()
-    with opened(src, storage_options, report) as (storage, name, info):
-        reader = _source(storage, name, None if report.read_whole else info)  # a re-zipped pre-1.6 file: no CRC to check
-        tree, regions = reader.plan(weights_only)  # also what proves the source is a torch or safetensors file
+    with opened(src, storage_options, report) as source:
+        reader = _source(source.storage, source.name, None if report.read_whole else source.info)  # re-zipped pre-1.6: no CRC
+        tree, regions = reader.plan(weights_only, source.head)  # also what proves the source is a torch or safetensors file
         out_storage.makedirs()
         with out_storage.open_write(out_name, size_hint=reader.size) as raw:
             out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
@@ -144,9 +144,10 @@ class _Source:
             self.read(self.size, self.size)  # the unread tail, summed
             check_crc(self.crc, self.expected_crc, self.where)
 
-    def plan(self, weights_only: bool) -> tuple[Any, dict[int, SourceTensor]]:
-        """The state tree with placeholder tensors, and where each placeholder's bytes are."""
-        planned = plan(self.storage, self.name, LoadReport(), self.size, weights_only=weights_only)
+    def plan(self, weights_only: bool, head: bytes | None) -> tuple[Any, dict[int, SourceTensor]]:
+        """The state tree with placeholder tensors, and where each placeholder's bytes are (``head``: the
+        file's first bytes, if read already)."""
+        planned = plan(self.storage, self.name, LoadReport(), self.size, head=head, weights_only=weights_only)
         placeholders: dict[str, torch.Tensor] = {}
         regions: dict[int, SourceTensor] = {}
 

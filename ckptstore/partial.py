@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -39,7 +39,6 @@ from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchErr
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
-from .sniff import HEAD_BYTES as HEAD_BYTES_SNIFF
 from .sniff import file_format
 from .storage import FsspecStorage, open_parent, open_storage
 from .torch_zip import TensorRef, read_plan
@@ -125,11 +124,12 @@ def load_partial(
     if index is not None:
         return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer,
                              weights_only)
-    with opened(url, storage_options, report) as (storage, name, checkpoint):
-        prefix = key if key is not None else ("model" if checkpoint else None)
-        sources = _under(plan(storage, name, report, weights_only=weights_only).sources, prefix)
-        selected = _select(storage.url(name), key, sources, report, targets, key_map, strict, strict_dtype, min_loaded)
-        _transfer(Transfer(storage, name, max_buffer, report), selected, targets, target, device)
+    with opened(url, storage_options, report) as source:
+        prefix = key if key is not None else ("model" if source.info else None)
+        sources = _under(source.plan(report, weights_only).sources, prefix)
+        selected = _select(source.storage.url(source.name), prefix, sources, report, targets, key_map, strict, strict_dtype,
+                           min_loaded)
+        _transfer(Transfer(source.storage, source.name, max_buffer, report), selected, targets, target, device)
     return report
 
 
@@ -215,10 +215,10 @@ def describe(
                    for k, v in plan(index.storage, shard, report, weights_only=weights_only).sources.items()}
         where, values, info = index.url, {"shards": index.shards}, None
     else:
-        with opened(url, storage_options, report) as (storage, name, info):
-            planned = plan(storage, name, report, weights_only=weights_only)
-            where = os.fspath(url) if report.read_whole else storage.url(name)
-        sources, values = planned.sources, planned.values
+        with opened(url, storage_options, report) as source:
+            planned = source.plan(report, weights_only)
+        where = os.fspath(url) if report.read_whole else source.storage.url(source.name)
+        sources, values, info = planned.sources, planned.values, source.info
     tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                 "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in sources.items()]
     out: dict[str, Any] = {"url": where, "tensors": tensors, "values": values,
@@ -230,21 +230,34 @@ def describe(
 
 
 # -- planning -----------------------------------------------------------------------------
+class Opened(NamedTuple):
+    """A file to plan, as :func:`opened` found it: its first bytes are read already (the planner's
+    head), so sniffing its format costs no request of its own."""
+
+    storage: FsspecStorage
+    name: str
+    info: CheckpointInfo | None  # the manifest, when the URL was a checkpoint folder
+    size: int | None = None
+    head: bytes | None = None
+
+    def plan(self, counter: ReadCounter, weights_only: bool = True) -> Plan:
+        return plan(self.storage, self.name, counter, self.size, head=self.head, weights_only=weights_only)
+
+
 @contextlib.contextmanager
-def opened(
-    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, report: LoadReport,
-) -> Iterator[tuple[FsspecStorage, str, CheckpointInfo | None]]:
+def opened(url: str | os.PathLike[str], storage_options: dict[str, Any] | None, report: LoadReport) -> Iterator[Opened]:
     """:func:`resolve`, with the format found from the first bytes: a torch file from before 1.6
     (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
     storage, name, info = resolve(url, storage_options)
     size = storage.size(name)
-    if file_format(_read(storage, name, 0, min(HEAD_BYTES_SNIFF, size), report), storage.url(name)) != "torch-legacy":
-        yield storage, name, info
+    head = _read(storage, name, 0, min(HEAD_BYTES, size), report)
+    if file_format(head, storage.url(name)) != "torch-legacy":
+        yield Opened(storage, name, info, size, head)
         return
     report.read_whole = True
     report.bytes_read += size
     with legacy.as_zip(storage, name, size) as (folder, zipped):
-        yield folder, zipped, info
+        yield Opened(folder, zipped, info)
 
 
 def resolve(
@@ -260,8 +273,13 @@ def resolve(
     return folder, info.files[0].path, info
 
 
-def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None, *, weights_only: bool = True) -> Plan:
+def plan(
+    storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None, *,
+    head: bytes | None = None, weights_only: bool = True,
+) -> Plan:
     """Plan the safetensors or torch file ``name`` from its header alone (see :class:`Plan`).
+
+    ``size`` and ``head`` (its first ``HEAD_BYTES``), when the caller has them, save a request each.
 
     Raises:
         CorruptCheckpointError: the header, directory or ``data.pkl`` is damaged or unplannable.
@@ -269,7 +287,8 @@ def plan(storage: FsspecStorage, name: str, counter: ReadCounter, size: int | No
     """
     size = storage.size(name) if size is None else size
     where = storage.url(name)
-    head = _read(storage, name, 0, min(HEAD_BYTES, size), counter)  # length prefix and, usually, the header
+    if head is None:
+        head = _read(storage, name, 0, min(HEAD_BYTES, size), counter)  # length prefix and, usually, the header
     kind = file_format(head, where)
     if kind == "torch-legacy":
         raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
