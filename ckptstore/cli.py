@@ -105,10 +105,7 @@ def _dim(text: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        desc = describe(args.url, _storage_options(args.storage_option), weights_only=not args.trust_pickle)
-    except UnsafeCheckpointError as err:  # say it in this command's terms
-        raise UnsafeCheckpointError(str(err).replace("pass weights_only=False", "run ckptstore inspect --trust-pickle")) from err
+    desc = describe(args.url, _storage_options(args.storage_option), weights_only=not args.trust_pickle)
     if args.json:
         print(json.dumps(desc, indent=1, default=str))
         return 0
@@ -182,10 +179,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
     storage, name, _ = resolve(args.src, options)
     with _progress(f"convert {posixpath.basename(args.dst)}", storage.size(name)) as progress:  # out ~ in, headers aside
-        try:
-            written = convert(args.src, args.dst, storage_options=options, progress=progress, weights_only=not args.trust_pickle)
-        except UnsafeCheckpointError as err:  # say it in this command's terms
-            raise UnsafeCheckpointError(str(err).replace("pass weights_only=False", "run ckptstore convert --trust-pickle")) from err
+        written = convert(args.src, args.dst, storage_options=options, progress=progress, weights_only=not args.trust_pickle)
     print(f"{args.src} -> {args.dst} ({written:,} bytes)")
     return 0
 
@@ -278,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add("inspect", "show a file's or checkpoint's tensors and values from its header only",
                   "ckptstore inspect s3://bucket/runs/exp1/step_00000010", json_output=True)
     inspect.add_argument("url")
-    inspect.add_argument("--trust-pickle", action="store_true",
-                         help="unpickle any object the file names (runs its code: only for files you trust)")
+    _trust_option(inspect)
     inspect.set_defaults(func=_cmd_inspect)
 
     verify = add("verify", "check every checksum under a root, a checkpoint or a file; exit 1 on damage",
@@ -291,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                "streaming (memory: a few MiB, whatever the size)", "ckptstore convert s3://bucket/model.pt ./model.safetensors")
     conv.add_argument("src", help="a .pt or .safetensors file, or a checkpoint folder (its checksum is checked)")
     conv.add_argument("dst", help="the format follows the extension: .safetensors, else torch")
-    conv.add_argument("--trust-pickle", action="store_true",
-                      help="unpickle any object the source names (runs its code: only for files you trust)")
+    _trust_option(conv)
     conv.set_defaults(func=_cmd_convert)
 
     prune = add("prune", "apply a retention policy; shows what it would delete unless --yes",
@@ -330,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trust_option(command: argparse.ArgumentParser) -> None:
+    """``--trust-pickle``: the command's form of ``weights_only=False``."""
+    command.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle any object the file names (runs its code: only for files you trust)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ckptstore`` console script."""
     parser = build_parser()
@@ -342,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except CkptStoreError as err:
-        print(f"ckptstore: error: {err}", file=sys.stderr)
+        message = str(err)
+        if isinstance(err, UnsafeCheckpointError) and hasattr(args, "trust_pickle"):  # in this command's terms
+            message = message.replace("pass weights_only=False", f"run ckptstore {args.command} --trust-pickle")
+        print(f"ckptstore: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -180,8 +180,7 @@ class CheckpointManager:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
         except StorageError as err:  # leftovers wait for the next save; this one goes on
             log.warning("could not remove leftovers under %s: %s", self.root, err)
-        monitor = (self.policy.monitor, self.policy.mode) if self.policy.monitor else None
-        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, monitor)
+        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, self.policy.ranks_by)
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
         if self._reconcile_export(committed, (info, tree)):
@@ -405,5 +404,5 @@ class CheckpointManager:
 
     def _ranked(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
         """Checkpoints with a finite value of the monitored metric, best first (see :meth:`best`)."""
-        monitor = (self.policy.monitor, self.policy.mode) if self.policy.monitor else retention.recorded_monitor(infos)
+        monitor = self.policy.ranks_by or retention.recorded_monitor(infos)
         return retention.ranked_best(infos, *monitor) if monitor else []

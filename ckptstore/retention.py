@@ -44,6 +44,11 @@ class RetentionPolicy:
         if self.keep_best and not self.monitor:
             raise ConfigError("`keep_best` needs `monitor`, the metric name to rank checkpoints by")
 
+    @property
+    def ranks_by(self) -> tuple[str, str] | None:
+        """``(monitor, mode)``, or None without a monitor (what a manifest records)."""
+        return (self.monitor, self.mode) if self.monitor else None
+
 
 def newest_first(infos: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
     """Checkpoints by step, newest first (ties: the later creation time first)."""
