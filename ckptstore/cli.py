@@ -115,7 +115,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{desc['url']} ({desc['header_bytes_read']:,} header bytes read)")
     print(f"{'name':<48} {'dtype':<14} {'shape':<20} {'bytes':>14}")
     for t in desc["tensors"]:
-        print(f"{t['name']:<48} {t['dtype']:<14} {t['shape']!s:<20} {t['bytes']:>14,}")
+        layout = f" ({t['layout']}: parts read whole)" if "layout" in t else ""
+        print(f"{t['name']:<48} {t['dtype']:<14} {t['shape']!s:<20} {t['bytes']:>14,}{layout}")
     print(f"{len(desc['tensors'])} tensors, {_human_bytes(sum(t['bytes'] for t in desc['tensors']))}")
     values = desc["values"]
     state = values.pop(TREE_METADATA_KEY, None) if isinstance(values, dict) else None

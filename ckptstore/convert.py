@@ -40,13 +40,13 @@ import torch
 
 from . import shards
 from . import tree as treelib
-from .errors import ConfigError, CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError, UnsupportedValueError
 from .manifest import CheckpointInfo
-from .partial import LoadReport, opened, plan
+from .partial import LoadReport, Plan, opened, plan
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent
-from .torch_zip import TensorRef, collect, data_start, read_plan
+from .torch_zip import RebuiltRef, TensorRef, collect, data_start, read_plan
 from .transfer import SourceTensor
 
 CHUNK_BYTES = 16 * 2**20
@@ -84,13 +84,19 @@ def convert(
     report = LoadReport()
     with opened(src, storage_options, report) as source:
         reader = _source(source.storage, source.name, None if report.read_whole else source.info)  # re-zipped pre-1.6: no CRC
-        tree, regions = reader.plan(weights_only, source.head)  # also what proves the source is a torch or safetensors file
+        planned = plan(reader.storage, reader.name, LoadReport(), reader.size, head=source.head, weights_only=weights_only)
+        same_format = reader.is_zip != to_safetensors  # the plan above is also what proves the source is torch or safetensors
+        if not same_format and planned.rebuilt:
+            key, whole = next(iter(planned.rebuilt.items()))
+            raise UnsupportedValueError(f"{reader.where}: {key!r} is a {whole.layout} tensor, which safetensors cannot hold "
+                                        "(it holds dense tensors only); densify it (.to_dense(), .dequantize()) and save again")
         out_storage.makedirs()
         with out_storage.open_write(out_name, size_hint=reader.size) as raw:
             out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
-            if reader.is_zip != to_safetensors:  # the same format: copy the file as it is
+            if same_format:  # copy the file as it is
                 reader.copy(0, reader.size, out)
             else:
+                tree, regions = reader.placeholders(planned)
                 (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
             reader.finish()  # checks the source checksum before the destination is committed
     return out.size
@@ -144,10 +150,8 @@ class _Source:
             self.read(self.size, self.size)  # the unread tail, summed
             check_crc(self.crc, self.expected_crc, self.where)
 
-    def plan(self, weights_only: bool, head: bytes | None) -> tuple[Any, dict[int, SourceTensor]]:
-        """The state tree with placeholder tensors, and where each placeholder's bytes are (``head``: the
-        file's first bytes, if read already)."""
-        planned = plan(self.storage, self.name, LoadReport(), self.size, head=head, weights_only=weights_only)
+    def placeholders(self, planned: Plan) -> tuple[Any, dict[int, SourceTensor]]:
+        """The state tree with placeholder tensors, and where each placeholder's bytes are."""
         placeholders: dict[str, torch.Tensor] = {}
         regions: dict[int, SourceTensor] = {}
 
@@ -245,7 +249,9 @@ def _write_torch(tree: Any, regions: dict[int, SourceTensor], source: _Source, o
                             member.write(archive.read(name))
 
 
-def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dict[int, SourceTensor]) -> dict[str, SourceTensor]:
+def _records_to_regions(
+    refs: dict[str, TensorRef | RebuiltRef], canonical: Any, regions: dict[int, SourceTensor],
+) -> dict[str, SourceTensor]:
     """Which source region feeds each ``data/<key>`` record that torch.save laid out.
 
     The layout's tensors are paired with the placeholder tree's by their path; their
@@ -255,7 +261,7 @@ def _records_to_regions(refs: dict[str, TensorRef], canonical: Any, regions: dic
     out: dict[str, SourceTensor] = {}
     for path, ref in refs.items():
         t = placeholders.get(path)
-        if t is None or tuple(t.shape) != ref.shape or t.dtype != ref.dtype:
+        if t is None or not isinstance(ref, TensorRef) or tuple(t.shape) != ref.shape or t.dtype != ref.dtype:
             raise CorruptCheckpointError(f"internal error: torch.save laid out {path!r} unlike the source tree")
         region = regions[_storage_id(t)]
         out[ref.storage.member] = region

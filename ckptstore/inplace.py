@@ -164,6 +164,9 @@ def _restore(
         except (CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError) as err:
             log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
             planned = None
+        if planned is not None and planned.rebuilt:  # torch's own loader builds them where they belong
+            log.info("%s holds sparse or quantized tensors (%s); reading it whole", info.url, ", ".join(planned.rebuilt))
+            planned = None
         _same_file(f, where)  # the header planned is the descriptor's
     _check_open_file(f, size, crc, where)
     if planned is None or (info.format == "torch" and callable(map_location)):

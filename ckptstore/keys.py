@@ -29,7 +29,7 @@ def ties(targets: dict[str, torch.Tensor], loaded: set[str]) -> set[str]:
         {'lm_head.weight'}
     """
     def where(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
-        if t.numel() == 0 or t.device.type == "meta":
+        if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:  # sparse: no single storage
             return None
         return t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride())
 

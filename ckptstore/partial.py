@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from . import legacy, shards
+from . import legacy, rebuilt, shards
 from .keys import ties, too_little_loaded
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, CheckpointInfo
@@ -41,7 +41,8 @@ from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
 from .sniff import file_format
 from .storage import FsspecStorage, open_parent, open_storage
-from .torch_zip import TensorRef, read_plan
+from .rebuilt import RebuiltSource, storage_region
+from .torch_zip import RebuiltRef, TensorRef, read_plan
 from .transfer import ReadCounter, SourceTensor, Transfer, byte_view, itemsize, landable, scratch, shaped
 from .tree import unflatten
 
@@ -69,6 +70,7 @@ class LoadReport:
     bytes_read: int = 0
     requests: int = 0
     read_whole: bool = False  # the source had no index (a torch file from before 1.6): read whole, once
+    rebuilt: list[str] = field(default_factory=list)  # sparse or quantized: their storages read whole, built by torch
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,18 @@ class Plan:
 
     ``build(load)`` returns the saved object with each tensor replaced by ``load(key, saved
     device)``; tensors that are the same view of the same bytes (tied weights) share a key.
+    ``rebuilt`` are the sparse and quantized tensors, which have no single byte range (see
+    :mod:`ckptstore.rebuilt`); ``build`` passes their keys to ``load`` too.
     """
 
     sources: dict[str, SourceTensor]
     values: Any  # the non-tensor content, tensors shown as "<tensor ...>" strings
     build: Callable[[Loader], Any]
+    rebuilt: dict[str, RebuiltSource] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, SourceTensor | RebuiltSource]:
+        """Every tensor of the file, by key: the byte-range ones and the rebuilt ones."""
+        return {**self.sources, **self.rebuilt}
 
 
 def load_partial(
@@ -107,7 +116,9 @@ def load_partial(
     loads them. A target tensor that is the same memory as a loaded one (tied weights) counts
     as loaded. A torch file's ``data.pkl`` is read with what ``torch.load(weights_only=True)``
     allows (sets, bytes, complex, your ``add_safe_globals``); ``weights_only=False`` allows any
-    global, for a file you trust. A load that matches nothing raises ``StateMismatchError`` with the mapping that
+    global, for a file you trust. Sparse and quantized tensors have no single byte range: their
+    storages are read whole, torch builds them, and they are copied into the target in place
+    (``report.rebuilt`` lists them). A load that matches nothing raises ``StateMismatchError`` with the mapping that
     would have matched; ``min_loaded`` (a fraction of the target's tensors) raises the bar.
 
     Example:
@@ -126,7 +137,7 @@ def load_partial(
                              weights_only)
     with opened(url, storage_options, report) as source:
         prefix = key if key is not None else ("model" if source.info else None)
-        sources = _under(source.plan(report, weights_only).sources, prefix)
+        sources = _under(source.plan(report, weights_only).tensors(), prefix)
         selected = _select(source.storage.url(source.name), prefix, sources, report, targets, key_map, strict, strict_dtype,
                            min_loaded)
         _transfer(Transfer(source.storage, source.name, max_buffer, report), selected, targets, target, device)
@@ -141,10 +152,10 @@ def _load_sharded(
     """Plan only the shards that hold a tensor the target has; the rest are known by name from the index."""
     names = _under({n: n for n in index.weight_map}, key)
     wanted = {index.weight_map[original] for new, original in _rename(names, key_map).items() if new in targets}
-    sources: dict[str, SourceTensor] = {}
+    sources: dict[str, SourceTensor | RebuiltSource] = {}
     origin: dict[int, str] = {}  # id of a planned source -> its shard
     for shard in sorted(wanted):
-        for k, src in _under(plan(index.storage, shard, report, weights_only=weights_only).sources, key).items():
+        for k, src in _under(plan(index.storage, shard, report, weights_only=weights_only).tensors(), key).items():
             sources[k], origin[id(src)] = src, shard
     unplanned = {n: SourceTensor(n, torch.uint8, (-1,), 0, 0) for n in names if n not in sources}  # shape unknown: never fits
     selected = _select(index.url, key, {**sources, **unplanned}, report, targets, key_map, strict, strict_dtype, min_loaded)
@@ -162,12 +173,12 @@ def _under(sources: dict[str, Any], prefix: str | None) -> dict[str, Any]:
 
 
 def _select(
-    where: str, prefix: str | None, sources: dict[str, SourceTensor], report: LoadReport, targets: dict[str, torch.Tensor],
-    key_map: KeyMap, strict: bool, strict_dtype: bool, min_loaded: float,
-) -> list[tuple[SourceTensor, str]]:
+    where: str, prefix: str | None, sources: dict[str, SourceTensor | RebuiltSource], report: LoadReport,
+    targets: dict[str, torch.Tensor], key_map: KeyMap, strict: bool, strict_dtype: bool, min_loaded: float,
+) -> list[tuple[SourceTensor | RebuiltSource, str]]:
     """The (source, target name) pairs to load; fills the report and raises what strict and min_loaded ask."""
     renamed = _rename(sources, key_map)
-    selected: list[tuple[SourceTensor, str]] = []
+    selected: list[tuple[SourceTensor | RebuiltSource, str]] = []
     for k, src in renamed.items():
         if k not in targets:
             report.unexpected.append(k)
@@ -190,6 +201,7 @@ def _select(
         raise StateMismatchError(too_little_loaded(where, prefix, list(sources), list(renamed), list(targets),
                                                    len(selected) + len(tied)))
     report.loaded = sorted({k for _, k in selected} | tied)
+    report.rebuilt = sorted(k for src, k in selected if isinstance(src, RebuiltSource))
     report.unexpected.sort()
     return selected
 
@@ -212,21 +224,27 @@ def describe(
     index = shards.find(url, storage_options)
     if index is not None:  # every shard's header: a sharded file's tensors, and no other values
         sources = {k: v for shard in index.shards
-                   for k, v in plan(index.storage, shard, report, weights_only=weights_only).sources.items()}
+                   for k, v in plan(index.storage, shard, report, weights_only=weights_only).tensors().items()}
         where, values, info = index.url, {"shards": index.shards}, None
     else:
         with opened(url, storage_options, report) as source:
             planned = source.plan(report, weights_only)
         where = os.fspath(url) if report.read_whole else source.storage.url(source.name)
-        sources, values, info = planned.sources, planned.values, source.info
-    tensors = [{"name": k, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
-                "bytes": math.prod(s.shape) * itemsize(s.dtype)} for k, s in sources.items()]
+        sources, values, info = planned.tensors(), planned.values, source.info
+    tensors = [_describe_tensor(k, s) for k, s in sources.items()]
     out: dict[str, Any] = {"url": where, "tensors": tensors, "values": values,
                            "header_bytes_read": report.bytes_read, "read_whole": report.read_whole}
     if info is not None:
         out["checkpoint"] = {"name": info.name, "step": info.step, "metrics": info.metrics, "format": info.format,
                              "created": info.created.isoformat(), "size": info.size}
     return out
+
+
+def _describe_tensor(key: str, src: SourceTensor | RebuiltSource) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": key, "dtype": str(src.dtype).removeprefix("torch."), "shape": list(src.shape)}
+    if isinstance(src, RebuiltSource):
+        return {**out, "bytes": src.nbytes, "layout": src.layout}
+    return {**out, "bytes": math.prod(src.shape) * itemsize(src.dtype)}
 
 
 # -- planning -----------------------------------------------------------------------------
@@ -315,24 +333,32 @@ def _plan_torch(storage: FsspecStorage, name: str, where: str, counter: ReadCoun
         refs, header_offsets, obj = read_plan(counted, where, trusted)  # type: ignore[arg-type]
     counter.bytes_read += counted.bytes_read
     counter.requests += counted.reads
-    sources = {}
-    canonical: dict[TensorRef, str] = {}  # torch.save keeps tied tensors as one storage: read them once
+    sources, composed = {}, {}
+    canonical: dict[TensorRef | RebuiltRef, str] = {}  # torch.save keeps tied tensors as one storage: read them once
     for k, r in refs.items():
+        canonical.setdefault(r, k)
+        if isinstance(r, RebuiltRef):
+            composed[k] = RebuiltSource(k, r, tuple(storage_region(s, header_offsets[s.member]) for s in r.storages()))
+            continue
         begin, end = r.span()
         contiguous = r.stride == _contiguous_stride(r.shape)
         header_offset, base = header_offsets[r.storage.member]
         sources[k] = SourceTensor(k, r.dtype, r.shape, base + begin, base + end,
                                   None if contiguous else r.stride, 0, (header_offset, base))
-        canonical.setdefault(r, k)
 
     def build(load: Loader) -> Any:
-        return _replace_refs(obj, lambda r: load(canonical[r], r.storage.location))
+        return _replace_refs(obj, lambda r: load(canonical[r], _location(r)))
 
-    return Plan(sources, _describe_refs(obj), build)
+    return Plan(sources, _describe_refs(obj), build, composed)
 
 
-def _replace_refs(obj: Any, tensor: Callable[[TensorRef], Any]) -> Any:
-    if isinstance(obj, TensorRef):
+def _location(ref: TensorRef | RebuiltRef) -> str:
+    storages = [ref.storage] if isinstance(ref, TensorRef) else ref.storages()
+    return storages[0].location if storages else "cpu"
+
+
+def _replace_refs(obj: Any, tensor: Callable[[TensorRef | RebuiltRef], Any]) -> Any:
+    if isinstance(obj, (TensorRef, RebuiltRef)):
         return tensor(obj)
     if isinstance(obj, dict):
         return type(obj)((k, _replace_refs(v, tensor)) for k, v in obj.items())
@@ -344,6 +370,8 @@ def _replace_refs(obj: Any, tensor: Callable[[TensorRef], Any]) -> Any:
 def _describe_refs(obj: Any) -> Any:
     if isinstance(obj, TensorRef):
         return f"<tensor {obj.dtype} {list(obj.shape)}>"
+    if isinstance(obj, RebuiltRef):
+        return f"<{obj.layout} tensor {obj.dtype} {list(obj.shape)}>"
     if isinstance(obj, dict):
         return {k: _describe_refs(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -400,12 +428,20 @@ class _CountingFile:
 
 
 # -- landing ------------------------------------------------------------------------------
-def _transfer(transfer: Transfer, selected: list[tuple[SourceTensor, str]], targets: dict[str, torch.Tensor],
-              target: Any, device: str | torch.device | None) -> None:
-    """Bytes straight into each target tensor where they fit as they are, else via a temporary."""
+def _transfer(transfer: Transfer, selected: list[tuple[SourceTensor | RebuiltSource, str]],
+              targets: dict[str, torch.Tensor], target: Any, device: str | torch.device | None) -> None:
+    """Bytes straight into each target tensor where they fit as they are, else via a temporary;
+    sparse and quantized tensors built by torch, then copied in (see :mod:`ckptstore.rebuilt`)."""
     jobs: list[tuple[SourceTensor, torch.Tensor]] = []
     finalizers: list[Callable[[], None]] = []
+    composed = [(src, k) for src, k in selected if isinstance(src, RebuiltSource)]
+    if composed:  # first: one that cannot be copied in place raises before any dense bytes land
+        for value, (whole, k) in zip(rebuilt.fetch(transfer, [src for src, _ in composed]), composed):
+            live = targets[k]
+            rebuilt.land(value, whole, k, live, torch.device(device) if device is not None else live.device)
     for src, k in selected:
+        if isinstance(src, RebuiltSource):
+            continue
         live = targets[k]
         where = torch.device(device) if device is not None else live.device
         if where == live.device and landable(src, live):

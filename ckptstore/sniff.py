@@ -49,8 +49,23 @@ def file_format(head: bytes, where: str) -> str:
         return "torch-legacy"
     if (len(head) >= 9 and head[8:9] == b"{") or where.endswith(".safetensors"):
         return "safetensors"
-    kind = next((what for magic, what in _LOOKS_LIKE.items() if head.startswith(magic)), None)
-    if not head:
-        kind = "empty"
-    shown = f"it is {kind}" if kind else f"it starts with {head[:8].hex()}"
-    raise CorruptCheckpointError(f"{where} is neither a torch file nor a safetensors file ({shown})")
+    raise CorruptCheckpointError(f"{where} is neither a torch file nor a safetensors file ({_looks_like(head)})")
+
+
+def what_is(head: bytes) -> str:
+    """A few words on what a file starting with ``head`` holds, from its content alone, for messages.
+
+    Example:
+        >>> what_is(b"PK\\x03\\x04rest"), what_is(b"GGUF...")
+        ('a torch file', 'neither a torch file nor a safetensors file: it is a GGUF file (llama.cpp)')
+    """
+    try:
+        kind = file_format(head, "")
+    except CorruptCheckpointError:
+        return f"neither a torch file nor a safetensors file: {_looks_like(head)}"
+    return {"torch": "a torch file", "torch-legacy": "a torch file from before torch 1.6", "safetensors": "a safetensors file"}[kind]
+
+
+def _looks_like(head: bytes) -> str:
+    kind = "empty" if not head else next((what for magic, what in _LOOKS_LIKE.items() if head.startswith(magic)), None)
+    return f"it is {kind}" if kind else f"it starts with {head[:8].hex()}"

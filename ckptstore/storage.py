@@ -40,7 +40,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
-from . import localdisk, store_errors
+from . import localdisk, sniff, store_errors
 from .errors import CheckpointNotFound, ConfigError, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
@@ -349,9 +349,16 @@ class FsspecStorage:
         """Raise ConfigError if the root is a file (a root is a folder of checkpoints)."""
         with self._errors("reach", ""):
             is_file = self.fs.isfile(self.root)
-        if is_file:
-            parent = posixpath.dirname(self.root_url.rstrip("/"))
-            raise ConfigError(f"{self.root_url} is a file, not a folder of checkpoints; did you mean its folder {parent}?")
+            head = self.fs.cat_file(self.root, start=0, end=sniff.HEAD_BYTES) if is_file else b""
+        if not is_file:
+            return
+        parent = posixpath.dirname(self.root.rstrip("/")) if self.is_local else posixpath.dirname(self.root_url.rstrip("/"))
+        what = sniff.what_is(head)
+        if what.startswith("neither"):
+            raise ConfigError(f"{self.root_url} is a file ({what}), not a folder of checkpoints; did you mean its folder {parent}?")
+        raise ConfigError(f"{self.root_url} is {what}, not a folder of checkpoints: ckptstore.load reads it whole, "
+                          f"ckptstore.load_partial(url, model) the tensors a model has; a root is the folder that checkpoints "
+                          f"go in (its folder {parent}?)")
 
     def makedirs(self) -> None:
         """Create the root folder on a local disk (object stores have no folders)."""

@@ -7,6 +7,11 @@ with a restricted unpickler: only containers, dtypes and torch's tensor-rebuild 
 resolve, each replaced by a stand-in that records (storage, offset, shape, stride, dtype)
 without allocating anything. Any other global raises :class:`UnsafeCheckpointError` before it
 is imported, so a hostile pickle never runs.
+
+Sparse and quantized tensors are not one strided view of one storage: torch rebuilds them
+from parts (indices and values; a storage and quantizer parameters). They are planned as a
+:class:`RebuiltRef`, the storages they need plus torch's own rebuild function and its
+arguments, and built after those storages are read whole.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class TensorRef:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def span(self) -> tuple[int, int]:
         """The half-open byte range ``[start, end)`` of the storage that the view touches."""
@@ -63,16 +68,90 @@ class TensorRef:
         return self.offset * self.itemsize, (last + 1) * self.itemsize
 
 
+@dataclass(frozen=True)
+class PickledStorage:
+    """A storage as ``data.pkl`` names it: its record and the dtype it was saved as."""
+
+    ref: StorageRef
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class RebuiltRef:
+    """A tensor that torch rebuilds from parts (sparse, quantized): ``rebuild(*args)`` once the
+    storages it names are read. ``layout`` is ``"sparse_coo"``, ``"sparse_csr"``..., or ``"quantized"``."""
+
+    rebuild: Callable[..., torch.Tensor]
+    args: tuple[Any, ...]
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    layout: str
+
+    def storages(self) -> list[StorageRef]:
+        """The storage records it is built from, each once."""
+        found: dict[str, StorageRef] = {}
+        _walk_parts(self.args, lambda ref: found.setdefault(ref.member, ref))
+        return list(found.values())
+
+    def build(self, buffers: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+        """The tensor, from ``buffers`` (each storage's bytes as a flat uint8 tensor, by member), with
+        sparse invariants checked as ``torch.load`` checks them.
+
+        Raises:
+            CorruptCheckpointError: the parts do not make a valid tensor (indices out of range...).
+        """
+        try:
+            with torch.sparse.check_sparse_tensor_invariants():
+                tensor = self.rebuild(*_real_parts(self.args, buffers, where))
+                torch._utils._validate_loaded_sparse_tensors()
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise CorruptCheckpointError(f"{where}: a saved {self.layout} tensor cannot be rebuilt: {err}") from err
+        return tensor
+
+
+def _walk_parts(value: Any, visit: Callable[[StorageRef], Any]) -> None:
+    if isinstance(value, PickledStorage):
+        visit(value.ref)
+    elif isinstance(value, TensorRef):
+        visit(value.storage)
+    elif isinstance(value, RebuiltRef):
+        _walk_parts(value.args, visit)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _walk_parts(v, visit)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _walk_parts(v, visit)
+
+
+def _real_parts(value: Any, buffers: dict[str, torch.Tensor], where: str) -> Any:
+    """``value`` with each stand-in replaced by the real storage or tensor over ``buffers``."""
+    if isinstance(value, PickledStorage):
+        untyped = buffers[value.ref.member].untyped_storage()
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=value.dtype, _internal=True)
+    if isinstance(value, TensorRef):
+        untyped = buffers[value.storage.member].untyped_storage()
+        return torch.empty(0, dtype=value.dtype).set_(untyped, value.offset, value.shape, value.stride)
+    if isinstance(value, RebuiltRef):
+        return value.build(buffers, where)
+    if type(value) in (list, tuple):
+        return type(value)(_real_parts(v, buffers, where) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _real_parts(v, buffers, where)) for k, v in value.items())
+    return value
+
+
 def read_plan(
     f: IO[bytes], where: str, trusted: bool = False,
-) -> tuple[dict[str, TensorRef], dict[str, tuple[int, int]], Any]:
+) -> tuple[dict[str, TensorRef | RebuiltRef], dict[str, tuple[int, int]], Any]:
     """Return ``({key: TensorRef}, {member: (header_offset, predicted data start)}, object)``.
 
     ``data.pkl`` is unpickled with what ``torch.load(weights_only=True)`` allows (its list and
     the user's safe globals, tensors replaced by references); ``trusted`` allows any global, as
     ``weights_only=False`` does.
 
-    ``object`` is the saved object with every tensor replaced by its :class:`TensorRef`.
+    ``object`` is the saved object with every tensor replaced by its :class:`TensorRef`, or its
+    :class:`RebuiltRef` for a sparse or quantized one.
 
     Keys are the path to each tensor joined by ``/`` (a plain state_dict keeps its own keys).
     """
@@ -93,7 +172,7 @@ def read_plan(
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CorruptCheckpointError(f"{where}: cannot read data.pkl: {err}") from err
     obj = _PlanUnpickler(io.BytesIO(payload), prefix, infos, where, trusted).load_checked()
-    tensors: dict[str, TensorRef] = collect(obj, lambda v: isinstance(v, TensorRef))
+    tensors: dict[str, TensorRef | RebuiltRef] = collect(obj, lambda v: isinstance(v, (TensorRef, RebuiltRef)))
     starts = {name: predicted_data_start(i.header_offset, name, i.file_size) for name, i in infos.items()}
     offsets = {name: (i.header_offset, starts[name]) for name, i in infos.items()}
     return tensors, offsets, obj
@@ -168,6 +247,8 @@ class _PlanUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+            ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_sparse_tensor,
+            ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
             ("torch.storage", "UntypedStorage"): _TypedStorage(torch.uint8),
             ("torch", "Size"): torch.Size,
             ("torch", "device"): torch.device,
@@ -202,43 +283,67 @@ class _PlanUnpickler(pickle.Unpickler):
         info = self.infos.get(member)
         if info is None or not isinstance(storage_type, _TypedStorage) or not isinstance(numel, int):
             raise CorruptCheckpointError(f"{self.where}: data.pkl names storage {key!r}, which the archive lacks")
-        nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+        nbytes = numel * storage_type.dtype.itemsize
         if info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
             raise CorruptCheckpointError(f"{self.where}: storage {key!r} holds {info.file_size} bytes, data.pkl says {nbytes}")
-        return (StorageRef(member, nbytes, str(location)), storage_type.dtype)
+        return PickledStorage(StorageRef(member, nbytes, str(location)), storage_type.dtype)
 
 
 def _torch_allows(module: str, name: str, where: str) -> Any:
     """The global ``module.name`` if ``torch.load(weights_only=True)`` allows it (its own list, and what the
     user registered with ``torch.serialization.add_safe_globals``/``safe_globals``), else None.
 
-    Tensor constructors beyond the dense ones planned here (sparse, quantized, nested, subclasses)
-    cannot be planned by byte range: they raise UnsupportedValueError, pointing at ``ckptstore.load``.
+    Tensor constructors beyond those planned here (dense, sparse, quantized) — nested tensors,
+    subclasses — raise UnsupportedValueError, pointing at ``ckptstore.load``.
     """
     full = f"{module}.{name}"
     found = _weights_only_unpickler._get_allowed_globals().get(full, _weights_only_unpickler._get_user_allowed_globals().get(full))
     if found is None:
         return None
     if "_rebuild" in name or name.endswith("Tensor") or (isinstance(found, type) and issubclass(found, torch.Tensor)):
-        raise UnsupportedValueError(f"{where}: data.pkl builds a tensor with {full} (sparse, quantized or a subclass), which cannot "
+        raise UnsupportedValueError(f"{where}: data.pkl builds a tensor with {full} (a nested tensor or a subclass), which cannot "
                                     "be read by byte range; ckptstore.load reads the file whole")
     return found
 
 
 def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-    ref, dtype = storage
-    return _tensor(ref, dtype, offset, size, stride)
+    return _tensor(_storage(storage), storage.dtype, offset, size, stride)
 
 
 def _rebuild_tensor_v3(
     storage: Any, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: torch.dtype, *_: Any
 ) -> TensorRef:
-    ref, _ = storage
-    return _tensor(ref, dtype, offset, size, stride)
+    return _tensor(_storage(storage), dtype, offset, size, stride)
 
 
-def _rebuild_parameter(data: TensorRef, *_: Any) -> TensorRef:
+def _rebuild_parameter(data: TensorRef | RebuiltRef, *_: Any) -> TensorRef | RebuiltRef:
     return data
+
+
+def _rebuild_sparse_tensor(layout: Any, data: Any) -> RebuiltRef:
+    """torch's ``_rebuild_sparse_tensor``, deferred: COO parts are (indices, values, size[, coalesced]),
+    compressed ones (compressed indices, plain indices, values, size)."""
+    if not isinstance(layout, torch.layout) or not isinstance(data, tuple) or len(data) not in (3, 4):
+        raise CorruptCheckpointError(f"invalid sparse tensor record: layout={layout!r:.40} parts={data!r:.80}")
+    values, size = (data[1], data[2]) if layout == torch.sparse_coo else (data[2], data[3])
+    parts = data[:2] if layout == torch.sparse_coo else data[:3]
+    if not all(isinstance(p, TensorRef) for p in parts) or not all(type(n) is int and n >= 0 for n in size):
+        raise CorruptCheckpointError(f"invalid sparse tensor record: parts={data!r:.80}")
+    return RebuiltRef(torch._utils._rebuild_sparse_tensor, (layout, data), values.dtype, tuple(size),
+                      str(layout).removeprefix("torch."))
+
+
+def _rebuild_qtensor(storage: Any, offset: Any, size: Any, stride: Any, qparams: Any, *rest: Any) -> RebuiltRef:
+    """torch's ``_rebuild_qtensor``, deferred: a strided view of one storage of a quantized dtype."""
+    view = _tensor(_storage(storage), storage.dtype, offset, size, stride)  # checks it fits its storage
+    return RebuiltRef(torch._utils._rebuild_qtensor, (storage, offset, size, stride, qparams, *rest), view.dtype,
+                      view.shape, "quantized")
+
+
+def _storage(value: Any) -> StorageRef:
+    if not isinstance(value, PickledStorage):
+        raise CorruptCheckpointError(f"a tensor record names {value!r:.80} where a storage belongs")
+    return value.ref
 
 
 def _tensor(ref: StorageRef, dtype: Any, offset: Any, size: Any, stride: Any) -> TensorRef:

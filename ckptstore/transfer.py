@@ -89,7 +89,7 @@ def shaped(src: SourceTensor, flat: torch.Tensor) -> torch.Tensor:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass

@@ -295,11 +295,106 @@ def test_a_user_class_needs_safe_globals_or_weights_only_false_as_in_torch_load(
         assert ckptstore.load_partial(url, {"w": torch.zeros(2)}, storage_options=opts).loaded == ["w"]
 
 
-def test_a_sparse_tensor_cannot_be_planned_and_says_what_reads_it(store):
-    url = put(store, "sparse.pt", torch_bytes({"w": torch.eye(3).to_sparse()}))
-    with pytest.raises(ckptstore.UnsupportedValueError, match=r"_rebuild_sparse_tensor.*ckptstore\.load reads the file whole"):
+# -- point 4: sparse and quantized tensors: their parts read whole, built by torch's own functions ----------
+
+
+def built_by_torch() -> dict:
+    """Tensors torch rebuilds from parts: sparse COO and CSR, quantized per tensor and per channel."""
+    return {
+        "coo": torch.sparse_coo_tensor([[0, 2], [1, 1]], [1.0, 3.0], (4, 3)),
+        "csr": torch.eye(4).to_sparse_csr(),
+        "q": torch.quantize_per_tensor(torch.linspace(-1, 1, 16).reshape(4, 4), 0.1, 2, torch.qint8),
+        "qc": torch.quantize_per_channel(torch.linspace(-1, 1, 12).reshape(3, 4), torch.tensor([0.1, 0.2, 0.3], dtype=torch.double),
+                                         torch.tensor([0, 1, 2]), 0, torch.quint8),
+        "w": torch.arange(6.0),
+    }
+
+
+def blank_like(state: dict) -> dict:
+    """Targets of the same layouts and shapes (CSR: the same number of elements) holding other values."""
+    csr = state["csr"]
+    return {
+        "coo": torch.zeros(4, 3).to_sparse(),
+        "csr": torch.sparse_csr_tensor(csr.crow_indices(), csr.col_indices(), torch.zeros_like(csr.values()), csr.shape),
+        "q": torch.quantize_per_tensor(torch.zeros(4, 4), 1.0, 0, torch.qint8),
+        "qc": torch.quantize_per_channel(torch.zeros(3, 4), torch.ones(3, dtype=torch.double), torch.zeros(3, dtype=torch.long),
+                                         0, torch.quint8),
+        "w": torch.zeros(6),
+    }
+
+
+def as_dense(t: torch.Tensor) -> torch.Tensor:
+    return t.dequantize() if t.is_quantized else t.to_dense()
+
+
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize_per).*:UserWarning")
+def test_sparse_and_quantized_tensors_are_described_loaded_in_place_and_reported(store):
+    state = built_by_torch()
+    data = torch_bytes({**state, "unused": torch.zeros(2**20)})  # 4 MiB the target does not have
+    url, opts = put(store, "parts.pt", data), store.storage_options
+    shown = {t["name"]: (t.get("layout"), t["dtype"], tuple(t["shape"])) for t in describe(url, opts)["tensors"]}
+    assert shown == {"coo": ("sparse_coo", "float32", (4, 3)), "csr": ("sparse_csr", "float32", (4, 4)),
+                     "q": ("quantized", "qint8", (4, 4)), "qc": ("quantized", "quint8", (3, 4)), "w": (None, "float32", (6,)),
+                     "unused": (None, "float32", (2**20,))}
+    target = blank_like(state)
+    live = dict(target)
+    report = ckptstore.load_partial(url, target, storage_options=opts)
+    assert report.loaded == sorted(state) and report.rebuilt == ["coo", "csr", "q", "qc"]  # the report says which
+    assert report.unexpected == ["unused"]
+    stock = torch.load(io.BytesIO(data), weights_only=True)
+    for k in state:
+        assert target[k] is live[k], k  # copied into the target's own tensors
+        assert target[k].layout == stock[k].layout and torch.equal(as_dense(target[k]), as_dense(stock[k])), k
+    assert (target["q"].q_scale(), target["q"].q_zero_point()) == (0.1, 2)
+    assert torch.equal(target["qc"].q_per_channel_scales(), stock["qc"].q_per_channel_scales())
+    assert report.bytes_read < 256 * 2**10  # the parts and the index, not the 4 MiB the target lacks
+
+
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize_per).*:UserWarning")
+def test_a_sparse_or_quantized_tensor_meeting_a_dense_target_fails_loudly_before_anything_lands(store):
+    state = built_by_torch()
+    url, opts = put(store, "parts.pt", torch_bytes(state)), store.storage_options
+    for key, pattern in [("coo", r"coo: the file holds a sparse_coo torch.float32 tensor.*strided torch.float32"),
+                         ("q", r"q: the file holds a quantized torch.qint8 tensor.*strided torch.float32")]:
+        target = {key: torch.full(tuple(state[key].shape), 7.0), "w": torch.zeros(6)}
+        with pytest.raises(ckptstore.StateMismatchError, match=pattern + r".*ckptstore\.load"):
+            ckptstore.load_partial(url, target, storage_options=opts)
+        assert target["w"].sum() == 0 and bool((target[key] == 7).all())  # nothing half-loaded
+
+
+def test_a_hostile_sparse_tensor_is_called_corrupt_where_stock_torch_load_accepts_it(store):
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 99]]), torch.tensor([1.0, 2.0]), (4,), check_invariants=False)
+    data = torch_bytes({"s": bad})
+    torch.load(io.BytesIO(data), weights_only=True)  # stock torch checks no sparse invariants by default
+    url = put(store, "hostile-sparse.pt", data)
+    with pytest.raises(CorruptCheckpointError, match=r"hostile-sparse\.pt \(s\): a saved sparse_coo tensor cannot be rebuilt.*99"):
+        ckptstore.load_partial(url, {"s": torch.zeros(4).to_sparse()}, storage_options=store.storage_options)
+
+
+def test_convert_refuses_a_sparse_tensor_for_safetensors_and_copies_it_for_torch(store):
+    state = {"coo": built_by_torch()["coo"], "w": torch.arange(6.0)}
+    url, opts = put(store, "sparse.pt", torch_bytes(state)), store.storage_options
+    dst = open_storage(store.url, opts)
+    with pytest.raises(ckptstore.UnsupportedValueError, match=r"'coo' is a sparse_coo tensor, which safetensors cannot hold.*to_dense"):
+        convert(url, dst.url("sparse.safetensors"), storage_options=opts)
+    assert not dst.exists("sparse.safetensors")  # refused before anything was written
+    convert(url, dst.url("copy.pt"), storage_options=opts)
+    copied = ckptstore.load(dst.url("copy.pt"), storage_options=opts)
+    assert torch.equal(copied["coo"].to_dense(), state["coo"].to_dense()) and torch.equal(copied["w"], state["w"])
+
+
+def test_inspect_shows_a_sparse_tensor_s_layout(store, capsys):
+    url = put(store, "sparse.pt", torch_bytes({"coo": built_by_torch()["coo"]}))
+    assert main(["inspect", url, *cli_options(store)]) == 0
+    assert "sparse_coo: parts read whole" in capsys.readouterr().out
+
+
+def test_a_nested_tensor_cannot_be_planned_and_says_what_reads_it(store):
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    url = put(store, "nested.pt", torch_bytes({"n": nested}))
+    with pytest.raises(ckptstore.UnsupportedValueError, match=r"_rebuild_nested_tensor.*ckptstore\.load reads the file whole"):
         describe(url, store.storage_options)
-    assert torch.equal(ckptstore.load(url, storage_options=store.storage_options)["w"].to_dense(), torch.eye(3))
+    assert torch.equal(ckptstore.load(url, storage_options=store.storage_options)["n"][1], torch.ones(3))
 
 
 def test_inspect_names_its_own_flag_for_a_file_it_must_trust(store, capsys):

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from ckptstore import CheckpointManager, CheckpointNotFound, ConfigError, InvalidNameError, StateMismatchError, StorageError
@@ -52,8 +53,25 @@ def test_a_file_given_as_the_root_is_refused(store):
     storage.makedirs()
     with storage.open_write("weights.safetensors") as f:
         f.write(b"not a folder")
-    with pytest.raises(ConfigError, match=r"is a file, not a folder of checkpoints; did you mean its folder"):
+    with pytest.raises(ConfigError, match=r"weights.safetensors is a file \(neither a torch file nor a safetensors file: "
+                                          r"it starts with 6e6f74.*\), not a folder of checkpoints; did you mean its folder"):
         manager(store, store.join("weights.safetensors"))
+
+
+@pytest.mark.parametrize("name, what", [("last.ckpt", "a torch file"), ("model.bin", "a safetensors file")])
+def test_a_checkpoint_file_given_as_the_root_says_what_it_is_and_what_reads_it(store, name, what):
+    """A stray file (a Lightning last.ckpt, a safetensors model.bin) is told by its content, not by its name."""
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    payload = {"w": torch.ones(2)}
+    with storage.open_write(name) as f:
+        if what == "a torch file":
+            torch.save(payload, f)
+        else:
+            f.write(safetensors.torch.save(payload))
+    with pytest.raises(ConfigError, match=rf"{name} is {what}, not a folder of checkpoints: ckptstore.load reads it whole, "
+                                          r"ckptstore.load_partial\(url, model\)"):
+        manager(store, store.join(name)).restore({"w": torch.zeros(2)})
 
 
 @pytest.mark.parametrize("url", ["s3:/bucket/run", "gs:/bucket/run", "memory:/run"])
