@@ -88,6 +88,8 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         if explained is None:
             raise
         raise explained from err
+    except Exception as err:  # a filesystem that reaches out as it is made (hf://) and fails in its own words
+        raise StorageError(f"cannot open {url}: {type(err).__name__}: {err}") from err
     return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
 
 
@@ -349,7 +351,8 @@ class FsspecStorage:
         """Raise ConfigError if the root is a file (a root is a folder of checkpoints)."""
         with self._errors("reach", ""):
             is_file = self.fs.isfile(self.root)
-            head = self.fs.cat_file(self.root, start=0, end=sniff.HEAD_BYTES) if is_file else b""
+            size = self.fs.size(self.root) if is_file else 0  # S3 refuses a range of an empty object
+            head = self.fs.cat_file(self.root, start=0, end=min(size, sniff.HEAD_BYTES)) if size else b""
         if not is_file:
             return
         parent = posixpath.dirname(self.root.rstrip("/")) if self.is_local else posixpath.dirname(self.root_url.rstrip("/"))

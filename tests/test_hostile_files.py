@@ -128,7 +128,12 @@ def test_torch_file_with_os_system_in_its_pickle_is_refused():
         load_bytes(buf.getvalue(), "model.pt")
 
 
-@pytest.mark.parametrize("data", [b"", b"PK\x03\x04garbage", pickle.dumps({"a": 1})[:5], b"\0" * 100])
-def test_broken_torch_files(data):
-    with pytest.raises(CorruptCheckpointError):
+@pytest.mark.parametrize("data, match", [
+    (b"", r"model\.pt is neither a torch file nor a safetensors file \(it is empty\)"),
+    (b"PK\x03\x04garbage", r"model\.pt is not a readable torch file: .*not a ZIP archive"),
+    (pickle.dumps({"a": 1})[:5], r"model\.pt is neither a torch file nor a safetensors file \(it is a pickle that is not a torch file\)"),
+    (b"\0" * 100, r"model\.pt is neither a torch file nor a safetensors file \(it starts with 0000000000000000\)"),
+], ids=["empty", "cut-zip", "cut-pickle", "zeros"])
+def test_broken_torch_files(data, match):
+    with pytest.raises(CorruptCheckpointError, match=match):
         load_bytes(data, "model.pt")

@@ -186,3 +186,46 @@ def test_tied_storages_and_coalescing_stay_within_five_percent(store):
     assert all(torch.equal(target[k], source[k]) for k in target)
     needed = emb.numel() * 4 + sum((i + 1) * 4 for i in range(0, 60, 3))
     assert needed <= report.bytes_read <= 1.05 * needed + 64 * 1024  # + the zip directory and data.pkl
+
+
+SAME_SIZE_DTYPES = [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.int32, torch.float32),
+                    (torch.float32, torch.int32), (torch.float64, torch.int64), (torch.int16, torch.float16)]
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_dtypes_of_the_same_size_are_cast_not_reinterpreted(store, kind):
+    """fp16's -3 landed as raw bytes in a bf16 tensor reads -32: only an equal dtype may skip the cast (issue 12)."""
+    source = {f"{a}-{b}": torch.tensor([-3.0, 0.5, 2.0, 96.0]).to(a) for a, b in SAME_SIZE_DTYPES}
+    url = upload(store, f"same-size.{'safetensors' if kind == 'safetensors' else 'pt'}", stock_file(kind, source))
+    target = {f"{a}-{b}": torch.zeros(4, dtype=b) for a, b in SAME_SIZE_DTYPES}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    assert report.cast == {f"{a}-{b}": (a, b) for a, b in SAME_SIZE_DTYPES}
+    for key, tensor in target.items():
+        assert torch.equal(tensor, source[key].to(tensor.dtype)), (key, tensor)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_transposed_shape_is_skipped_though_the_element_count_agrees(store, kind):
+    url = upload(store, f"t.{'safetensors' if kind == 'safetensors' else 'pt'}",
+                 stock_file(kind, {"w": torch.arange(24.0).reshape(4, 6), "b": torch.ones(6)}))
+    target = {"w": torch.zeros(6, 4), "b": torch.zeros(6)}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    assert report.skipped_shape == {"w": ((4, 6), (6, 4))} and report.loaded == ["b"]
+    assert not target["w"].any()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_only_the_needed_ranges_are_read_from_a_large_file(store, kind):
+    """16 tensors of 256 KiB; the target wants two far apart. A first read of the whole file, or ranges
+    coalesced across the 2.25 MiB between them, would read megabytes; the bound is their 512 KiB plus
+    the header, the zip directory and data.pkl (issue 12: the old bound exceeded its small files)."""
+    source = {f"layer{i:02d}": torch.full((2**16,), float(i)) for i in range(16)}
+    url = upload(store, f"large.{'safetensors' if kind == 'safetensors' else 'pt'}", stock_file(kind, source))
+    target = {"layer02": torch.zeros(2**16), "layer12": torch.zeros(2**16)}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    needed = 2 * 2**18
+    assert report.loaded == ["layer02", "layer12"]
+    assert needed <= report.bytes_read <= needed + 96 * 2**10, report.bytes_read
+    # safetensors: the head, then one range per tensor; torch adds zipfile's reads of the directory and data.pkl
+    assert report.requests <= (3 if kind == "safetensors" else 16), report.requests
+    assert torch.equal(target["layer02"], source["layer02"]) and torch.equal(target["layer12"], source["layer12"])

@@ -315,3 +315,29 @@ def test_torch_shape_rules_still_apply(store):
     live = Scale(())
     mgr.restore({"model": live})
     assert live.scale.item() == 5.0
+
+
+SAME_SIZE_DTYPES = [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.int32, torch.float32),
+                    (torch.float32, torch.int32), (torch.float64, torch.int64), (torch.int16, torch.float16)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_saved_dtype_is_converted_into_a_live_tensor_of_another_dtype_of_the_same_size(store, fmt):
+    """Bytes may land as they are only for the same dtype: fp16's -3 read as bf16 bytes would be -32 (issue 12)."""
+    saved = {f"{a}-{b}": torch.tensor([-3.0, 0.5, 2.0, 96.0]).to(a) for a, b in SAME_SIZE_DTYPES}
+    mgr = manager(store, fmt)
+    mgr.save(saved, step=0)
+    live = {f"{a}-{b}": torch.zeros(4, dtype=b) for a, b in SAME_SIZE_DTYPES}
+    mgr.restore(live)
+    for key, tensor in live.items():
+        assert torch.equal(tensor, saved[key].to(tensor.dtype)), (key, tensor)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_transposed_shape_is_a_mismatch_though_the_element_count_agrees(store, fmt):
+    mgr = manager(store, fmt)
+    mgr.save({"w": torch.arange(24.0).reshape(4, 6)}, step=0)
+    live = torch.zeros(6, 4)
+    with pytest.raises(StateMismatchError, match=r"\['w'\] has shape \(6, 4\), the checkpoint's 'w' \(4, 6\)"):
+        mgr.restore({"w": live})
+    assert not live.any()
