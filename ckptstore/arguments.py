@@ -39,6 +39,20 @@ def step(value: Any) -> int:
     return number
 
 
+def optional_positive(field: str, value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` (None, or a number > 0 of ``kind``; an int is a float too), else ConfigError naming ``field``.
+
+    Example:
+        >>> optional_positive("save_interval_seconds", 30, float)
+        30.0
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0:
+        raise ConfigError(f"`{field}` must be None or a{'n integer' if kind is int else ' number'} > 0, got {value!r}")
+    return kind(value)
+
+
 def checkpoint_name(name: str) -> str:
     """``name`` if it is one plain path segment, else InvalidNameError.
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal, overload
 
 import torch
 
 from . import arguments, cleanup, commit, retention
+from .background import BackgroundSaver, SaveHandle
 from .errors import (
     CheckpointNotFound,
     CkptStoreError,
@@ -30,6 +33,7 @@ from .partial import LoadReport, load_partial
 from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
 from .scan import KnownManifests, Scan, scan
+from .snapshot import snapshot
 from .storage import check_relative_path, open_storage
 from .tree import canonicalize
 
@@ -56,6 +60,10 @@ class CheckpointManager:
         abandoned_after: seconds a folder without manifest must be idle, by the store's clock
             and by this process's, before a save or prune deletes it as an abandoned save (a
             save in progress elsewhere is not idle); see :mod:`ckptstore.cleanup`.
+        save_interval_steps, save_interval_seconds: when :meth:`should_save` says yes (see there).
+
+    A manager is a context manager: leaving the ``with`` block waits for a background save
+    (``save(..., blocking=False)``) and raises its failure.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -79,6 +87,8 @@ class CheckpointManager:
         export_best: str | None = None,
         export_key: str = "model",
         abandoned_after: float = 600.0,
+        save_interval_steps: int | None = None,
+        save_interval_seconds: float | None = None,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
         self.format = get_format(format)
@@ -99,6 +109,20 @@ class CheckpointManager:
         self._known = KnownManifests()
         self._export = BestExport(self.storage, export_best, export_key, monitor, mode, self._known) if export_best and monitor else None
         self._idle = cleanup.IdleClock()
+        self.save_interval_steps = arguments.optional_positive("save_interval_steps", save_interval_steps, int)
+        self.save_interval_seconds = arguments.optional_positive("save_interval_seconds", save_interval_seconds, float)
+        self._background = BackgroundSaver()
+        self._created = time.monotonic()
+        self._last_save: tuple[int, float] | None = None  # (step, monotonic time) of this manager's last save
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.wait()
+        else:  # the block's own error goes on; a save's failure is logged (background.py)
+            self._background.settle()
 
     @property
     def root(self) -> str:
@@ -142,14 +166,59 @@ class CheckpointManager:
         return self.listing().best
 
     def _scan(self) -> Scan:
+        """One listing of the root, after the background save (if any) has finished."""
+        self._background.settle()
         return scan(self.storage, self._known)
 
     # -- saving ---------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """Whether the loop should save at ``step``: ``if mgr.should_save(step): mgr.save(...)``.
+
+        True when ``step`` is a multiple of ``save_interval_steps``, or ``save_interval_seconds``
+        have passed since this manager's last save (or its creation); with neither set, every
+        step. Never for a step at or below the last one this manager saved. No I/O: cheap on
+        every step.
+
+        Example:
+            >>> mgr = CheckpointManager("memory://doc/should_save", save_interval_steps=100)
+            >>> [s for s in range(0, 301, 50) if mgr.should_save(s)]
+            [0, 100, 200, 300]
+        """
+        step = arguments.step(step)
+        last_step, last_time = self._last_save if self._last_save is not None else (-1, self._created)
+        if step <= last_step:
+            return False
+        if self.save_interval_steps is None and self.save_interval_seconds is None:
+            return True
+        by_steps = self.save_interval_steps is not None and step % self.save_interval_steps == 0
+        by_time = self.save_interval_seconds is not None and time.monotonic() - last_time >= self.save_interval_seconds
+        return by_steps or by_time
+
+    def wait(self) -> None:
+        """Wait for the background save in flight, if any; raise its failure if ``result()`` did not."""
+        self._background.wait()
+
+    @overload
+    def save(self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *,
+             name: str | None = None, allow_older: bool = False, blocking: Literal[True] = True) -> CheckpointInfo: ...
+
+    @overload
+    def save(self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *,
+             name: str | None = None, allow_older: bool = False, blocking: Literal[False]) -> SaveHandle: ...
+
     def save(
         self, state: Mapping[str, Any], step: int, metrics: Mapping[str, Any] | None = None, *,
-        name: str | None = None, allow_older: bool = False,
-    ) -> CheckpointInfo:
+        name: str | None = None, allow_older: bool = False, blocking: bool = True,
+    ) -> CheckpointInfo | SaveHandle:
         """Save ``state`` as the checkpoint of ``step``, commit it, then apply retention.
+
+        ``blocking=False`` returns a :class:`~ckptstore.background.SaveHandle` as soon as the
+        state's tensors are copied to host memory (:mod:`ckptstore.snapshot`); the write, the
+        commit and retention run in a background thread, and what the caller changes after
+        ``save`` returns does not reach the checkpoint. One save is in flight at a time: the
+        next ``save`` (and any call that reads the root) waits for it first. Its failure raises
+        from ``handle.result()``, else from :meth:`wait` or the next ``save``; errors in the
+        arguments and unsupported values raise at once either way.
 
         A step below the newest committed one is refused unless ``allow_older=True``: it is
         a new run in an old root, or a rollback, and ``restore()`` would still resume from
@@ -167,14 +236,23 @@ class CheckpointManager:
                 commit's reply and the read that checks it both failed, the checkpoint may yet be
                 committed, whole: ``latest()`` tells.)
         """
+        self._background.wait()  # one save in flight; an unseen failure of the last one raises here
         step = arguments.step(step)
         name = arguments.checkpoint_name(name or f"step_{step:08d}")
         values = arguments.metrics(metrics or {}, self.policy.monitor, step)
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
         if self._export is not None:
             weights_to_export(tree, self.export_key)
+        self._last_save = (step, time.monotonic())
+        if blocking:
+            return self._write(tree, step, name, values, allow_older)
+        frozen = snapshot(tree)
+        return self._background.submit(step, lambda: self._write(frozen, step, name, values, allow_older))
+
+    def _write(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
+        """Commit ``tree`` as ``name`` and apply retention (in the caller's thread or the background one)."""
         self.storage.makedirs()
-        found = self._scan()
+        found = scan(self.storage, self._known)  # not _scan: this may be the background save itself
         commit.check_free(self.storage, found, step, name, allow_older)
         try:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
