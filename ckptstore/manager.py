@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -30,6 +31,7 @@ from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
 from .manifest import MANIFEST_NAME, CheckpointInfo
 from .partial import LoadReport, load_partial
+from .preemption import PreemptionWatcher
 from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
 from .scan import KnownManifests, Scan, scan
@@ -113,6 +115,7 @@ class CheckpointManager:
         self.save_interval_seconds = arguments.optional_positive("save_interval_seconds", save_interval_seconds, float)
         self._background = BackgroundSaver()
         self._created = time.monotonic()
+        self._preemption: PreemptionWatcher | None = None
         self._last_save: tuple[int, float] | None = None  # (step, monotonic time) of this manager's last save
 
     def __enter__(self) -> CheckpointManager:
@@ -175,9 +178,9 @@ class CheckpointManager:
         """Whether the loop should save at ``step``: ``if mgr.should_save(step): mgr.save(...)``.
 
         True when ``step`` is a multiple of ``save_interval_steps``, or ``save_interval_seconds``
-        have passed since this manager's last save (or its creation); with neither set, every
-        step. Never for a step at or below the last one this manager saved. No I/O: cheap on
-        every step.
+        have passed since this manager's last save (or its creation), or a preemption notice
+        has arrived (:meth:`watch_preemption`); with no interval set, every step. Never for a
+        step at or below the last one this manager saved. No I/O: cheap on every step.
 
         Example:
             >>> mgr = CheckpointManager("memory://doc/should_save", save_interval_steps=100)
@@ -188,11 +191,48 @@ class CheckpointManager:
         last_step, last_time = self._last_save if self._last_save is not None else (-1, self._created)
         if step <= last_step:
             return False
+        if self.preemption_notice is not None:
+            return True
         if self.save_interval_steps is None and self.save_interval_seconds is None:
             return True
         by_steps = self.save_interval_steps is not None and step % self.save_interval_steps == 0
         by_time = self.save_interval_seconds is not None and time.monotonic() - last_time >= self.save_interval_seconds
         return by_steps or by_time
+
+    def watch_preemption(
+        self, signals: Sequence[signal.Signals] = (signal.SIGTERM,), clouds: Sequence[str] = ("aws", "gcp", "azure"),
+        poll_seconds: float = 5.0, endpoints: Mapping[str, str] | None = None,
+    ) -> PreemptionWatcher:
+        """Watch for a preemption notice: ``signals`` (their handlers only set a flag) and the
+        clouds' metadata servers, polled in a background thread (see :mod:`ckptstore.preemption`).
+
+        The loop then asks :meth:`reached_preemption` between steps, saves (blocking) and exits.
+        Call it from the main thread; ``stop()`` on the returned watcher puts the old handlers back.
+
+        Example:
+            >>> mgr = CheckpointManager("memory://doc/preempt")
+            >>> watcher = mgr.watch_preemption(clouds=())
+            >>> mgr.reached_preemption(step=10)
+            False
+            >>> watcher.stop()
+        """
+        if self._preemption is not None:
+            self._preemption.stop()
+        self._preemption = PreemptionWatcher(signals, clouds, poll_seconds, endpoints).start()
+        return self._preemption
+
+    @property
+    def preemption_notice(self) -> str | None:
+        """What announced the preemption (``"SIGTERM"``, ``"AWS spot terminate at ..."``), or None."""
+        return self._preemption.notice if self._preemption is not None else None
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption notice has arrived: save ``step`` now (blocking) and exit.
+
+        Example: ``if mgr.reached_preemption(step): mgr.save(state, step); sys.exit(0)``.
+        """
+        arguments.step(step)
+        return self.preemption_notice is not None
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any; raise its failure if ``result()`` did not."""
