@@ -26,6 +26,10 @@ job still flushing). They look the same, so removal rests on three rules:
 A manifest whose data file is missing (a save that failed while a cleaner removed its data)
 is removed by the same idle rule, data first and manifest last.
 
+Incomplete multipart uploads under the root (S3: a writer killed mid-upload; they are billed
+until aborted) are aborted by the same idle rule, judged by their newest part: an upload in
+progress elsewhere keeps adding parts, so it is never idle.
+
 Temp files of local atomic writes (``.<name>.<hex>.tmp``: a kill during a save or during the
 best-model export) are removed by the same idle rule, wherever they are under the root.
 """
@@ -38,7 +42,7 @@ import time
 from .commit import delete_manifest_if
 from .scan import Leftover, Scan
 from .manifest import MANIFEST_NAME, tombstone
-from .storage import FsspecStorage
+from .storage import FsspecStorage, Upload
 
 log = logging.getLogger("ckptstore")
 
@@ -131,3 +135,25 @@ def _remove_files(storage: FsspecStorage, folder: str, files: tuple[str, ...], m
             storage.delete(file)
     delete_manifest_if(storage, folder, lambda data: data == manifest)
     storage.remove_folder(folder)
+
+
+def abort_idle_uploads(
+    storage: FsspecStorage, idle_seconds: float, clock: IdleClock,
+    *, now: float | None = None, monotonic: float | None = None,
+) -> list[Upload]:
+    """Abort the root's incomplete multipart uploads that are idle for ``idle_seconds``; return them.
+
+    ``clock`` must be kept for uploads alone (its memory is trimmed to the uploads listed).
+    """
+    now = time.time() if now is None else now
+    monotonic = time.monotonic() if monotonic is None else monotonic
+    uploads = storage.incomplete_uploads(older_than=idle_seconds)
+    clock.forget_all_but({u.upload_id for u in uploads})
+    aborted = []
+    for upload in uploads:
+        leftover = Leftover((upload.path, f"{upload.parts} parts"), upload.mtime)
+        if min(now - upload.mtime, clock.watched(upload.upload_id, leftover, monotonic)) >= idle_seconds:
+            log.info("aborting the incomplete upload of %s (%d parts, idle)", storage.url(upload.path), upload.parts)
+            storage.abort_upload(upload)
+            aborted.append(upload)
+    return aborted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import os
 import posixpath
 import re
@@ -203,14 +204,25 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=args.monitor,
                             mode=args.mode or "min", abandoned_after=args.abandoned_after,
                             storage_options=_storage_options(args.storage_option))
+    uploads = mgr.incomplete_uploads()
     doomed = mgr.prune(dry_run=not args.yes)
+    left = {u.upload_id for u in mgr.incomplete_uploads()} if args.yes and uploads else set()
     if args.json:
         rows = [{"name": i.name, "step": i.step, "size": i.size} for i in doomed]
-        print(json.dumps({"deleted": args.yes, "checkpoints": rows}, indent=1))
+        parts = [{"path": u.path, "parts": u.parts, "idle_s": round(time.time() - u.mtime), "aborted": u.upload_id not in left
+                  and args.yes} for u in uploads]
+        print(json.dumps({"deleted": args.yes, "checkpoints": rows, "incomplete_uploads": parts}, indent=1))
         return 0
     verb = "deleted" if args.yes else "would delete"
     for info in doomed:
         print(f"{verb} {info.name} (step {info.step}, {info.size:,} bytes)")
+    for u in uploads:
+        idle = f"incomplete upload of {u.path} ({u.parts} parts, idle {time.time() - u.mtime:,.0f} s)"
+        if args.yes and u.upload_id not in left:
+            print(f"aborted {idle}")
+        else:
+            print(f"{idle}: aborted once idle for --abandoned-after ({args.abandoned_after:g} s, watched by one run)"
+                  + ("" if args.yes else " with --yes"))
     if not args.yes and doomed:
         print("dry run: pass --yes to delete")
     if not doomed:  # say so: an exit with no output reads as "done" whatever the policy was

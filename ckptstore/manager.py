@@ -36,7 +36,7 @@ from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
 from .scan import KnownManifests, Scan, scan
 from .snapshot import snapshot
-from .storage import check_relative_path, open_storage
+from .storage import Upload, check_relative_path, open_storage
 from .tree import canonicalize
 
 log = logging.getLogger("ckptstore")
@@ -111,6 +111,8 @@ class CheckpointManager:
         self._known = KnownManifests()
         self._export = BestExport(self.storage, export_best, export_key, monitor, mode, self._known) if export_best and monitor else None
         self._idle = cleanup.IdleClock()
+        self._upload_clock = cleanup.IdleClock()
+        self._uploads_checked: float | None = None  # monotonic time of the last look for incomplete uploads
         self.save_interval_steps = arguments.optional_positive("save_interval_steps", save_interval_steps, int)
         self.save_interval_seconds = arguments.optional_positive("save_interval_seconds", save_interval_seconds, float)
         self._background = BackgroundSaver()
@@ -296,6 +298,8 @@ class CheckpointManager:
         commit.check_free(self.storage, found, step, name, allow_older)
         try:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
+            if self._uploads_due():
+                cleanup.abort_idle_uploads(self.storage, self.abandoned_after, self._upload_clock)
         except StorageError as err:  # leftovers wait for the next save; this one goes on
             log.warning("could not remove leftovers under %s: %s", self.root, err)
         info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, self.policy.ranks_by)
@@ -321,6 +325,8 @@ class CheckpointManager:
         """Apply the retention policy to what is stored now; return what was (or would be) deleted.
 
         The best-model export is brought up to date first, so no checkpoint it needs is lost.
+        Leftovers (unfinished saves, temp files, incomplete multipart uploads) idle for
+        ``abandoned_after`` are removed too.
         """
         found = self._scan()
         doomed = self._doomed(found.committed)
@@ -328,8 +334,27 @@ class CheckpointManager:
             if self._export is not None:
                 self._export.reconcile(found.committed)
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
+            cleanup.abort_idle_uploads(self.storage, self.abandoned_after, self._upload_clock)
+            self._uploads_checked = time.monotonic()
             self._delete(doomed)
         return doomed
+
+    def incomplete_uploads(self) -> list[Upload]:
+        """The root's incomplete multipart uploads (S3; ``[]`` elsewhere): a writer killed mid-upload
+        leaves one, billed until aborted. Saves and :meth:`prune` abort them once idle for
+        ``abandoned_after``; an S3 lifecycle rule (``AbortIncompleteMultipartUpload``) is the second guard.
+        """
+        self._background.settle()
+        return self.storage.incomplete_uploads()
+
+    def _uploads_due(self) -> bool:
+        """Look for incomplete uploads on a manager's first save, then at most every ``abandoned_after / 2`` seconds
+        (one LIST on S3; a restarted job finds its predecessor's at once)."""
+        now = time.monotonic()
+        if self._uploads_checked is not None and now - self._uploads_checked < self.abandoned_after / 2:
+            return False
+        self._uploads_checked = now
+        return True
 
     def verify(
         self, progress: Callable[[int], None] | None = None, checkpoints: Sequence[CheckpointInfo] | None = None,

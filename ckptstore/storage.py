@@ -32,6 +32,7 @@ import contextlib
 import os
 import posixpath
 import re
+import time
 from datetime import datetime
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, NamedTuple
@@ -49,6 +50,16 @@ TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/([^/].*)$")  # "s3:/bucket": not a drive letter ("C:/")
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class Upload(NamedTuple):
+    """An incomplete multipart upload under the root (S3): what a writer killed mid-upload leaves,
+    billed until it is aborted. ``mtime``: when its newest part arrived (or it began)."""
+
+    path: str
+    upload_id: str
+    parts: int
+    mtime: float
 
 
 class Listed(NamedTuple):
@@ -242,6 +253,41 @@ class FsspecStorage:
             return {}
         prefix = self.root.rstrip("/") + "/"
         return {p[len(prefix):]: Listed(_mtime(info), _version_of(info)) for p, info in sorted(found.items()) if p.startswith(prefix)}
+
+    def incomplete_uploads(self, older_than: float = 0.0) -> list[Upload]:
+        """The root's incomplete multipart uploads begun at least ``older_than`` seconds ago.
+
+        S3 only (two requests, plus one per such upload to see its newest part); other stores
+        return ``[]``: GCS resumable sessions cannot be listed and expire after a week.
+        """
+        if not hasattr(self.fs, "list_multipart_uploads"):
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        found: list[dict[str, Any]] = []
+        marker: dict[str, str] = {}
+        with self._errors("list", ""):
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/", **marker)
+                found.extend(page.get("Uploads", []))
+                if not page.get("IsTruncated"):
+                    break
+                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+            now = time.time()
+            uploads = []
+            for u in found:
+                began = u["Initiated"].timestamp()
+                if now - began < older_than:
+                    continue
+                parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])
+                newest = max([began, *(p["LastModified"].timestamp() for p in parts)])
+                uploads.append(Upload(u["Key"][len(prefix) + 1 :], u["UploadId"], len(parts), newest))
+        return uploads
+
+    def abort_upload(self, upload: Upload) -> None:
+        """Abort an incomplete multipart upload (its parts stop being billed)."""
+        bucket, _, prefix = self.root.partition("/")
+        with self._errors("delete", upload.path):
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=f"{prefix}/{upload.path}", UploadId=upload.upload_id)
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Read several whole small files, concurrently where the store can.

@@ -105,7 +105,8 @@ def test_prune_is_a_dry_run_unless_yes(tmp_path):
     assert "would delete step_00000000" in out.stdout and len(mgr.checkpoints()) == 4
     plan = json.loads(run("prune", str(tmp_path), "--keep-last", "2", "--json").stdout)
     assert plan == {"deleted": False, "checkpoints": [{"name": "step_00000000", "step": 0, "size": plan["checkpoints"][0]["size"]},
-                                                      {"name": "step_00000001", "step": 1, "size": plan["checkpoints"][1]["size"]}]}
+                                                      {"name": "step_00000001", "step": 1, "size": plan["checkpoints"][1]["size"]}],
+                    "incomplete_uploads": []}
     out = run("prune", str(tmp_path), "--keep-last", "2", "--yes")
     assert out.returncode == 0 and [c.step for c in mgr.checkpoints()] == [2, 3]
     assert "nothing to delete" in run("prune", str(tmp_path), "--keep-last", "2").stdout
