@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, is_tombstone
 from .storage import TEMP_FILE, FsspecStorage, Listed
 
@@ -122,6 +122,12 @@ def scan(storage: FsspecStorage, known: KnownManifests | None = None) -> Scan:
         texts = storage.read_many([p for p in tags if p not in cached])
         if len(texts) + len(cached) == len(tags):
             break
+    else:
+        unread = sorted(set(tags) - set(texts) - set(cached))
+        raise StorageError(
+            f"{storage.url()}: {', '.join(unread)} listed {LIST_ATTEMPTS} times but not found when read; "
+            "the store's listing and its reads disagree, so the checkpoints under it cannot be told"
+        )
     if MANIFEST_NAME in at_root:
         parent = posixpath.dirname(storage.url().rstrip("/"))
         raise ConfigError(f"{storage.url()} is a checkpoint folder (it holds {MANIFEST_NAME}), not a root of "

@@ -74,6 +74,12 @@ class Listed(NamedTuple):
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FsspecStorage:
     """Return the :class:`FsspecStorage` rooted at ``url``.
 
+    ``storage_options`` go to fsspec as given, but always with ``use_listings_cache=False`` (a
+    filesystem instance of ckptstore's own; the caller's instances keep theirs): s3fs and gcsfs
+    cache a folder's listing forever, so a folder this process listed once would hide a
+    manifest another process committed there later (even s3fs's ``cat_file`` asks that cache
+    for the size first), and a checkpoint would be silently missing from the root.
+
     Example:
         >>> store = open_storage("memory://doc/open_storage")
         >>> store.url("a.bin")
@@ -85,7 +91,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         scheme, rest = one_slash.groups()
         raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **{**(storage_options or {}), "use_listings_cache": False})
     except ImportError as err:
         protocol = url.split("://", 1)[0]
         extra = _EXTRA_FOR_PROTOCOL.get(protocol, protocol)

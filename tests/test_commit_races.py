@@ -252,6 +252,38 @@ def test_a_listing_whose_manifests_vanish_is_taken_again(store):
     assert mgr.restore() == {"x": 2} and done
 
 
+def test_a_checkpoint_committed_elsewhere_in_a_folder_this_process_listed_is_seen(store):
+    """Found by the crash trials on S3: a process listed a folder holding only a killed saver's data
+    file; another process then committed that step there. s3fs cached the folder's listing, its
+    ``cat_file`` asked that cache for the manifest's size, and the scan dropped the checkpoint:
+    ``latest()`` named an older step and retention counted one checkpoint too few."""
+    orphan = open_storage(store.url, {**store.storage_options, "skip_instance_cache": True})
+    orphan.makedirs()
+    orphan.write_new("step_00000002/state-0123abcd.safetensors", b"a killed saver's upload")
+    watcher = manager(store)
+    watcher.save({"x": 1}, step=1)
+    assert [i.step for i in watcher.checkpoints()] == [1]  # lists step_00000002 as an unfinished save
+    elsewhere = CheckpointManager(store.url, storage_options={**store.storage_options, "skip_instance_cache": True})
+    elsewhere.save({"x": 2}, step=2)  # another process: its writes cannot touch this one's caches
+    assert [i.step for i in watcher.checkpoints()] == [1, 2]
+    assert watcher.latest().step == 2 and watcher.restore() == {"x": 2}
+
+
+def test_a_manifest_listed_but_never_readable_stops_the_scan_loudly(store):
+    """Counting the other checkpoints without it would resume from an older one, or prune for a phantom."""
+    mgr = manager(store)
+    mgr.save({"x": 1}, step=1)
+    mgr.save({"x": 2}, step=2)
+    real = mgr.storage.read_many
+    mgr.storage.read_many = lambda paths: {p: d for p, d in real(paths).items() if not p.startswith("step_00000002/")}
+    with pytest.raises(StorageError, match=r"step_00000002/manifest.json listed 3 times but not found when read"):
+        mgr.latest()
+    with pytest.raises(StorageError, match="listed 3 times"):
+        mgr.save({"x": 3}, step=3)
+    mgr.storage.read_many = real
+    assert [i.step for i in mgr.checkpoints()] == [1, 2]
+
+
 def test_the_loser_of_a_commit_race_deletes_its_own_data_file_and_nothing_else(store, request):
     """Both writers passed the free-step check and wrote their data; the create-only manifest
     settles it: exactly one commits, and the other removes its own data file (issue 12)."""
