@@ -38,7 +38,7 @@ from typing import Any
 
 from .errors import CheckpointExists, CheckpointNotFound, CkptStoreError, ConfigError, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, is_tombstone
-from .serializers import ChecksumWriter, Format, MapLocation, Source, get_format, read_checked
+from .serializers import ChecksumWriter, Format, Source, get_format, read_checked
 from .scan import Scan
 from .storage import FsspecStorage
 from .tree import iter_tensors
@@ -160,18 +160,15 @@ def unreadable_manifest_message(storage: FsspecStorage, name: str) -> str:
     )
 
 
-def read_checkpoint(
-    storage: FsspecStorage, info: CheckpointInfo, *, map_location: MapLocation = None,
-    weights_only: bool = True, verify: bool = True,
-) -> Any:
-    """Read a committed checkpoint's canonical tree, checking sizes and CRC32C.
+def read_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> Any:
+    """Read a committed checkpoint's canonical tree onto the CPU, checking its size and CRC32C.
 
     Raises:
         CorruptCheckpointError: a data file is missing, truncated, altered or unparsable.
     """
     fmt = get_format(info.format)
     path, entry = data_file(storage, info)
-    return fmt.read(Source(storage, path, entry.size), map_location, weights_only, entry.crc32c if verify else None)
+    return fmt.read(Source(storage, path, entry.size), None, True, entry.crc32c)
 
 
 def data_file(storage: FsspecStorage, info: CheckpointInfo) -> tuple[str, FileEntry]:

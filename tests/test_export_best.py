@@ -118,6 +118,24 @@ def test_export_mistakes_fail_before_anything_is_written(store):
     assert mgr.checkpoints() == [] and mgr.uncommitted() == {}
 
 
+def test_an_export_is_never_written_from_a_damaged_checkpoint(store, caplog):
+    """The best checkpoint's data file altered in place (same size): re-exporting it fails its
+    CRC32C, the export stays absent, and retention waits, so the best checkpoint is not pruned."""
+    mgr = manager(store)
+    best = mgr.save(state(0), step=0, metrics={"val_loss": 0.1})
+    storage = open_storage(store.url, store.storage_options)
+    storage.delete(EXPORT)
+    path = f"{best.name}/{best.files[0].path}"
+    data = bytearray(storage.read(path))
+    data[-3] ^= 0xFF  # a tensor byte: the file still parses, only its checksum tells
+    with storage.open_write(path) as f:
+        f.write(bytes(data))
+    mgr.save(state(1), step=1, metrics={"val_loss": 0.5})
+    assert "could not update the best-model export" in caplog.text and "fails its checksum" in caplog.text
+    assert not storage.exists(EXPORT)
+    assert [c.step for c in mgr.checkpoints()] == [0, 1]
+
+
 def test_an_export_deleted_by_hand_is_written_again_by_the_next_save(store):
     """The record stays, the file is gone: the next save re-exports the best (from the stored
     checkpoint, before retention prunes it), and does not crash after its commit."""
