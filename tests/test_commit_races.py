@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ckptstore import scan
+from ckptstore import commit, scan
 from ckptstore import CheckpointExists, CheckpointManager, CheckpointNotFound, CorruptCheckpointError, StorageError, cleanup
 from ckptstore.cli import main
 from ckptstore.manifest import tombstone
@@ -114,6 +114,18 @@ def test_a_step_committed_and_removed_by_another_process_while_saved_fails_the_s
     assert scan.scan(a.storage).abandoned == {} and assert_all_verify(store) == [1]
 
 
+def test_a_late_deleter_leaves_a_checkpoint_committed_again_under_the_same_name(store):
+    """A read step 2's manifest, then B deleted step 2 and committed a new step 2: A's delete of
+    what it read must not remove B's checkpoint (its manifest names another data file)."""
+    a, b = manager(store), manager(store)
+    old = a.save({"x": 1}, step=2)
+    b.delete(2)
+    new = b.save({"x": 2}, step=2)
+    commit.delete_checkpoint(a.storage, old)
+    assert [i.files for i in manager(store).checkpoints()] == [new.files]
+    assert manager(store).restore() == {"x": 2}
+
+
 def test_a_killed_cleaner_is_finished_by_the_next_one(store):
     storage = open_storage(store.url, store.storage_options)
     manager(store).save({"w": torch.zeros(4)}, step=1)
@@ -167,8 +179,12 @@ def test_a_damaged_manifest_names_the_way_out_and_delete_takes_it(store):
     with storage.open_write("step_00000005/state-0123abcd.safetensors") as f:
         f.write(b"data")
     storage.write_new("step_00000005/manifest.json", b"{not json")
-    with pytest.raises(CheckpointExists, match=r"unreadable manifest.*CheckpointManager\.delete\('step_00000005'\)"):
+    with pytest.raises(CheckpointExists) as err:
         mgr.save({"x": 5}, step=5)
+    assert str(err.value) == (
+        f"{storage.url('step_00000005')} holds an unreadable manifest, so it is not a checkpoint but its name is taken; "
+        f"look at it (ckptstore ls --all {storage.url()}), then remove it with CheckpointManager.delete('step_00000005') "
+        f"or: ckptstore delete {storage.url()} step_00000005")
     assert mgr.prune() == [] and "step_00000005" in mgr.uncommitted()  # never removed automatically
     assert mgr.delete(5) is None
     assert mgr.uncommitted() == {} and not storage.exists("step_00000005/state-0123abcd.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -51,6 +52,22 @@ def test_damage_is_detected_and_latest_falls_back(store, fmt, how, caplog):
     assert values["step"] == 0 and torch.equal(values["w"], torch.arange(1000.0))
     assert values.checkpoint.step == 0  # the caller can tell which one it got
     assert any(bad.name in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flip_header", "flip_middle", "flip_last", "missing", "manifest_size"])
+def test_verify_names_the_damaged_checkpoint_and_passes_the_good_one(store, how):
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    good = mgr.save({"w": torch.arange(1000.0)}, step=0)
+    bad = mgr.save({"w": torch.arange(1000.0) + 1}, step=1)
+    expected = corrupt(store, bad, how).replace("|unknown dtype|invalid|not valid", "")  # verify reads bytes, never parses
+    read: list[int] = []
+    report = mgr.verify(progress=read.append)
+    if how == "missing":  # a manifest without its data is not a checkpoint: listed apart, never verified
+        assert report == {good.name: None} and "data file is missing" in mgr.uncommitted()[bad.name]
+        return
+    assert set(report) == {good.name, bad.name} and report[good.name] is None
+    assert report[bad.name] is not None and re.search(expected, report[bad.name]), report[bad.name]
+    assert sum(read) >= good.size  # the good one was read whole, with progress reported as it went
 
 
 def test_every_checkpoint_corrupt_raises(store):
