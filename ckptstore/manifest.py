@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -113,9 +113,6 @@ class CheckpointInfo:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptCheckpointError(f"{url}/{MANIFEST_NAME} is not a valid manifest: {err!r}") from err
-
-    def with_url(self, url: str) -> CheckpointInfo:
-        return replace(self, url=url)
 
 
 def _monitor(value: Any) -> tuple[str, str] | None:
