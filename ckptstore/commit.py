@@ -210,14 +210,14 @@ def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
 
 def delete_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
     """Un-commit ``info`` (manifest first, atomically), then delete exactly the files it lists."""
-    delete_manifest_if(storage, info.name, lambda data: _names_our_file(data, info.files[0]) if info.files else True)
+    delete_manifest_if(storage, info.name, lambda data: _names_our_file(data, info.files[0]))
     for entry in info.files:
         storage.delete(f"{info.name}/{entry.path}")
     storage.remove_folder(info.name)
 
 
-def delete_manifest_if(storage: FsspecStorage, name: str, still: Callable[[bytes], bool]) -> bool:
-    """Delete ``name``'s manifest if it is ``still`` the one the caller means; True if it was.
+def delete_manifest_if(storage: FsspecStorage, name: str, still: Callable[[bytes], bool]) -> None:
+    """Delete ``name``'s manifest if it is ``still`` the one the caller means.
 
     A manifest path can be reused: once one process deleted it, another can commit a new
     checkpoint of the same name there. Reading it right before the delete keeps a late
@@ -226,10 +226,8 @@ def delete_manifest_if(storage: FsspecStorage, name: str, still: Callable[[bytes
     """
     path = f"{name}/{MANIFEST_NAME}"
     there = _read_if_present(storage, path)
-    if there is None or not still(there):
-        return False
-    storage.delete(path)
-    return True
+    if there is not None and still(there):
+        storage.delete(path)
 
 
 def delete_damaged(storage: FsspecStorage, name: str, files: tuple[str, ...]) -> None:

@@ -55,7 +55,8 @@ class CheckpointInfo:
     """What a committed checkpoint is: read from its manifest.
 
     Example:
-        >>> info = CheckpointInfo(name="step_00000003", step=3, format="safetensors")
+        >>> info = CheckpointInfo(name="step_00000003", step=3, format="safetensors",
+        ...                       files=(FileEntry("state-0123abcd.safetensors", 8, 0),))
         >>> CheckpointInfo.from_json(info.to_json(), url="memory://r/step_00000003").step
         3
     """
@@ -99,6 +100,8 @@ class CheckpointInfo:
             doc = json.loads(data)
             if doc.get("manifest_version") != MANIFEST_VERSION:
                 raise ValueError(f"unsupported manifest_version {doc.get('manifest_version')!r}")
+            if not doc["files"]:
+                raise ValueError("it lists no data file")
             return cls(
                 name=str(doc["name"]),
                 step=_int(doc["step"]),

@@ -126,6 +126,15 @@ def test_a_late_deleter_leaves_a_checkpoint_committed_again_under_the_same_name(
     assert manager(store).restore() == {"x": 2}
 
 
+def test_a_pruned_checkpoint_leaves_no_folder_behind(store):
+    mgr = manager(store, keep_last=1)
+    mgr.save({"x": 0}, step=0)
+    mgr.save({"x": 1}, step=1)
+    fs = store.filesystem()
+    fs.invalidate_cache()
+    assert not fs.exists(store.path("step_00000000")) and fs.exists(store.path("step_00000001"))
+
+
 def test_a_killed_cleaner_is_finished_by_the_next_one(store):
     storage = open_storage(store.url, store.storage_options)
     manager(store).save({"w": torch.zeros(4)}, step=1)
