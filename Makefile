@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-long lint bench clean
+.PHONY: demo test test-long lint bench clean mutate
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# The long randomized trials (minutes): two managers and a pruning evaluator, faults at every call.
+# The long trials (minutes): randomized two-manager/evaluator runs with faults at every call, and the
+# crash trials at full count (200 local, 20 file://, 50 S3, 20 GCS kills).
 test-long: $(VENV)/.installed
 	$(PY) -m pytest -q --long -m long
 
@@ -32,6 +33,22 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_save_memory.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_history.py
+	$(PY) benchmarks/bench_async.py
+
+# Mutation testing of the modules that guard data (long: not part of `make test` or CI; docs/mutation.md).
+# Runs in a copy under build/mutation/ (mutmut's mutants/ folder lands there, out of the work tree) and
+# keeps its results between runs: only new or changed mutants are tested again. One worker (2 cores).
+# MODULES="commit files" re-tests those modules only (their mutants are run again even if known).
+# mutmut itself comes with the dev extra (pinned in pyproject.toml).
+MUTATE_DIR := build/mutation
+MODULES    ?=
+mutate: $(VENV)/.installed
+	mkdir -p $(MUTATE_DIR)
+	rm -rf $(MUTATE_DIR)/ckptstore $(MUTATE_DIR)/tests
+	cp -R ckptstore tests pyproject.toml $(MUTATE_DIR)/
+	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children 1 $(foreach m,$(MODULES),'ckptstore.$(m).*')
+	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .hypothesis *.egg-info

@@ -1,5 +1,6 @@
 """The benchmarks still run: `ckptstore bench suite` at 1 MiB on local disk and memory://, one round,
-and `benchmarks/bench_history.py` on roots of 1 and 3 checkpoints, one round.
+`benchmarks/bench_history.py` on roots of 1 and 3 checkpoints, one round, and
+`benchmarks/bench_async.py --quick` (16 MiB, local disk and S3, one round).
 
 Smoke tests of the code paths, not measurements (the figures live in benchmarks/RESULTS.md).
 """
@@ -17,6 +18,7 @@ import pytest
 
 SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
 HISTORY = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_history.py"
+ASYNC = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async.py"
 
 
 @pytest.mark.slow
@@ -51,3 +53,27 @@ def test_bench_history_measures_every_call_at_every_size_and_writes_its_section(
         assert run["ops"]["warm-save"]["kinds"]["GET manifest"] <= 1  # a warm one, only the one it has not seen
         assert run["ops"]["warm-save"]["kinds"]["LIST"] == 1
     assert "## Save cost against history (bench_history.py)" in results.read_text()
+
+
+@pytest.mark.slow
+def test_bench_async_measures_every_cell_and_writes_its_section(tmp_path):
+    out, results = tmp_path / "async.json", tmp_path / "RESULTS.md"  # never the real RESULTS.md
+    done = subprocess.run(
+        [sys.executable, str(ASYNC), "--quick", "--loop-baseline-s", "0.2", "--workdir", str(tmp_path / "work"),
+         "--out", str(out), "--results-md", str(results)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = {r["op"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {f"{store}:{kind}" for store in ("local", "s3") for kind in ("blocking", "async", "loop")} | {
+        "copy:clone", "copy:prealloc"}
+    for op in ("local:async", "s3:async"):
+        first, again = runs[op]["passes"]
+        for p in (first, again):
+            assert 0 < p["snapshot_s"] <= p["stall_s"] <= p["total_s"]
+            assert p["written_bytes"] >= runs[op]["state_bytes"]
+        assert first["peak_extra"] >= 0.9 * runs[op]["state_bytes"]  # the snapshot is a whole host copy
+    assert runs["local:blocking"]["passes"][0]["peak_extra"] < 0.5 * runs["local:blocking"]["state_bytes"]
+    for op in ("local:loop", "s3:loop"):
+        assert runs[op]["loop"]["during"] and runs[op]["loop"]["before"] and runs[op]["loop"]["after"]
+    assert "## Async save: training-loop stall (bench_async.py)" in results.read_text()

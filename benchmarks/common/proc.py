@@ -95,3 +95,24 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (every thread): first touches of fresh memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished, waited-for children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``: user, nice,
+    system, irq, softirq; idle, iowait and steal are not busy). The difference over an interval, minus
+    what this process and its children used, is what other processes took: the load a result shared."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
