@@ -270,7 +270,7 @@ def child_main(spec: dict[str, Any]) -> None:
     tiny_model = build_model({"w": (4, 4)}, requires_grad=True)
     fs = None
     if scenario == "s3":
-        fs = fsspec.core.url_to_fs(path, **so)[0]  # the instance load_partial and fsspec.open reuse
+        fs = fsspec.core.url_to_fs(path, **so)[0]  # the stock paths reuse it; ckptstore opens its own (no listing cache)
     report_obj = None
 
     def run(url: str, m: Any, full: bool) -> Any:

@@ -9,12 +9,16 @@
   from ``mgr.wait()`` or the next ``save`` (the error gets a note naming the step); it is also
   logged when it happens, so a process that exits first still says so.
 * **Exit waits.** The thread is not a daemon: the interpreter finishes the save before it exits.
+* **One host copy.** Waiting for a save also waits for its thread to end, and a failure's
+  traceback drops its frames' locals, so the next save never copies the state while the last
+  copy is still referenced.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections.abc import Callable
 
 from .manifest import CheckpointInfo
@@ -63,7 +67,7 @@ class SaveHandle:
             self._info = work()
         except BaseException as err:  # handed to whoever waits: result(), wait() or the next save
             err.add_note(f"(raised by the background save of step {self.step})")
-            self._error = err
+            self._error = _without_locals(err)
             log.error("the background save of step %d failed: %s", self.step, err)
         finally:
             self._finished.set()
@@ -74,18 +78,23 @@ class BackgroundSaver:
 
     def __init__(self) -> None:
         self._current: SaveHandle | None = None
+        self._thread: threading.Thread | None = None
 
     def submit(self, step: int, work: Callable[[], CheckpointInfo]) -> SaveHandle:
         """Start ``work`` in a thread; the previous save must be settled (see :meth:`wait`)."""
         handle = SaveHandle(step)
         self._current = handle
-        threading.Thread(target=handle._run, args=(work,), name=f"ckptstore-save-{step}").start()
+        self._thread = threading.Thread(target=handle._run, args=(work,), name=f"ckptstore-save-{step}")
+        self._thread.start()
         return handle
 
     def settle(self) -> None:
-        """Wait for the save in flight, if any; its failure, if unseen, stays for :meth:`wait`."""
+        """Wait for the save in flight, if any, and its thread (which holds the state's host copy
+        until it ends); its failure, if unseen, stays for :meth:`wait`."""
         if self._current is not None:
             self._current._finished.wait()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def wait(self) -> None:
         """Wait for the save in flight; raise its failure unless ``result()`` already raised it."""
@@ -94,3 +103,15 @@ class BackgroundSaver:
         if handle is not None and handle._error is not None and not handle._seen:
             handle._seen = True
             raise handle._error
+
+
+def _without_locals(err: BaseException) -> BaseException:
+    """``err`` with the locals of its finished frames (and of its causes' frames) cleared: they
+    hold the state's host copy, which must not outlive the save."""
+    seen: set[int] = set()
+    chained: BaseException | None = err
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
+    return err

@@ -288,8 +288,8 @@ class CheckpointManager:
         self._last_save = (step, time.monotonic())
         if blocking:
             return self._write(tree, step, name, values, allow_older)
-        frozen = snapshot(tree)
-        return self._background.submit(step, lambda: self._write(frozen, step, name, values, allow_older))
+        frozen = [snapshot(tree)]  # taken by the save: nothing it leaves behind (a traceback) keeps the copy alive
+        return self._background.submit(step, lambda: self._write(frozen.pop(), step, name, values, allow_older))
 
     def _write(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
         """Commit ``tree`` as ``name`` and apply retention (in the caller's thread or the background one)."""

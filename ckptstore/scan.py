@@ -114,20 +114,24 @@ def scan(storage: FsspecStorage, known: KnownManifests | None = None) -> Scan:
     checkpoint at all while newer ones exist.
     """
     known = known if known is not None else KnownManifests()
-    for _ in range(LIST_ATTEMPTS):
+    never_read: set[str] | None = None  # listed, yet unreadable, on every listing so far
+    for attempt in range(LIST_ATTEMPTS):
         listing = storage.list_files()
         folders, at_root = _by_folder(listing)
         tags = {f"{f}/{MANIFEST_NAME}": files[MANIFEST_NAME].tag for f, files in folders.items() if MANIFEST_NAME in files}
         cached = {p: hit[1:] for p, tag in tags.items() if (hit := known.infos.get(p)) is not None and hit[0] == tag}
         texts = storage.read_many([p for p in tags if p not in cached])
-        if len(texts) + len(cached) == len(tags):
+        unread = set(tags) - set(texts) - set(cached)
+        if not unread:
             break
+        never_read = unread if never_read is None else never_read & unread
+        time.sleep(0.05 * (attempt + 1))  # a concurrent prune deletes manifests one by one: let it get ahead
     else:
-        unread = sorted(set(tags) - set(texts) - set(cached))
-        raise StorageError(
-            f"{storage.url()}: {', '.join(unread)} listed {LIST_ATTEMPTS} times but not found when read; "
-            "the store's listing and its reads disagree, so the checkpoints under it cannot be told"
-        )
+        if never_read:  # not a prune racing us (that would have left the next listing): the store disagrees with itself
+            raise StorageError(
+                f"{storage.url()}: {', '.join(sorted(never_read))} listed {LIST_ATTEMPTS} times but not found when read; "
+                "the store's listing and its reads disagree, so the checkpoints under it cannot be told"
+            )
     if MANIFEST_NAME in at_root:
         parent = posixpath.dirname(storage.url().rstrip("/"))
         raise ConfigError(f"{storage.url()} is a checkpoint folder (it holds {MANIFEST_NAME}), not a root of "

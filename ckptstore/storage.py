@@ -48,6 +48,8 @@ PART_BYTES = 16 * 2**20
 # The temp files of local atomic writes: ".<final name>.<12 hex>.tmp", in the final file's folder.
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
+# fsspec filesystems that cache folder listings forever unless told not to (see open_storage)
+_CACHES_LISTINGS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/([^/].*)$")  # "s3:/bucket": not a drive letter ("C:/")
 _EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -74,11 +76,13 @@ class Listed(NamedTuple):
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FsspecStorage:
     """Return the :class:`FsspecStorage` rooted at ``url``.
 
-    ``storage_options`` go to fsspec as given, but always with ``use_listings_cache=False`` (a
-    filesystem instance of ckptstore's own; the caller's instances keep theirs): s3fs and gcsfs
-    cache a folder's listing forever, so a folder this process listed once would hide a
-    manifest another process committed there later (even s3fs's ``cat_file`` asks that cache
-    for the size first), and a checkpoint would be silently missing from the root.
+    ``storage_options`` go to fsspec as given; on S3, GCS and Azure always with
+    ``use_listings_cache=False`` (a filesystem instance of ckptstore's own; the caller's
+    instances keep theirs): s3fs, gcsfs and adlfs cache a folder's listing forever, so a folder
+    this process listed once would hide a manifest another process committed there later (even
+    s3fs's ``cat_file`` asks that cache for the size first), and a checkpoint would be silently
+    missing from the root. (In a chained URL such as ``simplecache::s3://`` the option would
+    reach only the outer layer, so it is not set there.)
 
     Example:
         >>> store = open_storage("memory://doc/open_storage")
@@ -91,7 +95,9 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         scheme, rest = one_slash.groups()
         raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
     try:
-        fs, root = fsspec.core.url_to_fs(url, **{**(storage_options or {}), "use_listings_cache": False})
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        no_cache = {"use_listings_cache": False} if protocol in _CACHES_LISTINGS else {}
+        fs, root = fsspec.core.url_to_fs(url, **{**(storage_options or {}), **no_cache})
     except ImportError as err:
         protocol = url.split("://", 1)[0]
         extra = _EXTRA_FOR_PROTOCOL.get(protocol, protocol)

@@ -10,8 +10,10 @@ import json
 import logging
 import subprocess
 import sys
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -98,6 +100,34 @@ def test_tied_weights_are_copied_once_and_stored_once(store):
     mgr = manager(store)
     info = mgr.save({"m": tied}, step=0, blocking=False).result(timeout=60)
     assert [t["name"] for t in describe(info.url, store.storage_options)["tensors"]] == ["m/emb.weight"]
+
+
+@pytest.mark.parametrize("outcome", ["committed", "failed"])
+def test_the_next_save_copies_the_state_only_once_the_last_copy_is_freed(store, monkeypatch, outcome):
+    """At most one host copy at a time, as the README promises, also when the last save failed
+    (its traceback's frames would otherwise keep the copy alive)."""
+    mgr = manager(store)
+    copies: list[weakref.ref] = []
+
+    def tracked(tree):
+        gc.collect()
+        assert all(ref() is None for ref in copies), "the previous save's host copy is still alive"
+        frozen = snapshot(tree)
+        copies.append(weakref.ref(frozen["w"]))
+        return frozen
+
+    monkeypatch.setattr(ckptstore.manager, "snapshot", tracked)
+    if outcome == "failed":
+        fail_commits(mgr)
+    first = mgr.save({"w": torch.zeros(1024)}, step=1, blocking=False)
+    while not first.done():
+        time.sleep(0.01)
+    if outcome == "failed":
+        with pytest.raises(StorageError):
+            first.result()
+        mgr.storage.write_new = type(mgr.storage).write_new.__get__(mgr.storage)
+    mgr.save({"w": torch.ones(1024)}, step=2, blocking=False).result()
+    assert len(copies) == 2
 
 
 def test_one_save_in_flight_the_next_waits_for_it(store):

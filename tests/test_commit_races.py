@@ -339,6 +339,25 @@ def test_a_manifest_listed_but_never_readable_stops_the_scan_loudly(store):
     assert [i.step for i in mgr.checkpoints()] == [1, 2]
 
 
+def test_a_prune_deleting_one_manifest_per_listing_is_not_taken_for_a_broken_store(store):
+    """Three listings, each catching a different manifest as another process prunes it: the scan
+    counts what is left, and raises only for a manifest that no listing could read."""
+    mgr = manager(store)
+    for step in range(1, 6):
+        mgr.save({"x": step}, step=step)
+    reader = manager(store)  # a new process: it reads every manifest it lists
+    real = reader.storage.read_many
+    doomed = [1, 2, 3]
+
+    def read_many(paths):
+        if doomed:
+            mgr.delete(doomed.pop(0))  # between this listing and its reads
+        return real(paths)
+
+    reader.storage.read_many = read_many
+    assert [i.step for i in reader.checkpoints()] == [4, 5] and doomed == []
+
+
 def test_the_loser_of_a_commit_race_deletes_its_own_data_file_and_nothing_else(store, request):
     """Both writers passed the free-step check and wrote their data; the create-only manifest
     settles it: exactly one commits, and the other removes its own data file (issue 12)."""
