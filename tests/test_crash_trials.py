@@ -50,9 +50,14 @@ class Zygote:
         return json.loads(self.proc.stdout.readline())
 
     def close(self) -> None:
+        """End the zygote (it kills a saver still running); kill it if it does not end."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def settle(mgr: CheckpointManager, quiet_seconds: float = 0.3, timeout: float = 20.0) -> None:
@@ -130,6 +135,7 @@ def test_crash_trials_short_set(process_store):
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)
 def test_crash_trials_full_counts(process_store):
     outcomes = run_trials(process_store, LONG[process_store.kind], seed=2)
     assert sum(outcomes.values()) == LONG[process_store.kind]
