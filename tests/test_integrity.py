@@ -70,6 +70,19 @@ def test_verify_names_the_damaged_checkpoint_and_passes_the_good_one(store, how)
     assert sum(read) >= good.size  # the good one was read whole, with progress reported as it went
 
 
+def test_a_manifest_listing_two_data_files_is_refused_by_name(store):
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    info = mgr.save({"w": torch.ones(4)}, step=0)
+    storage = open_storage(store.url, store.storage_options)
+    manifest = json.loads(storage.read(f"{info.name}/manifest.json"))
+    manifest["files"].append(dict(manifest["files"][0]))
+    storage.delete(f"{info.name}/manifest.json")
+    storage.write_new(f"{info.name}/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(CorruptCheckpointError) as err:
+        mgr.restore(which=0)
+    assert str(err.value) == f"{storage.url(info.name)}: expected one data file, the manifest lists 2"
+
+
 def test_every_checkpoint_corrupt_raises(store):
     mgr = CheckpointManager(store.url, storage_options=store.storage_options)
     info = mgr.save({"w": torch.ones(10)}, step=0)
