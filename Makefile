@@ -37,16 +37,17 @@ bench: $(VENV)/.installed
 
 # Mutation testing of the modules that guard data (long: not part of `make test` or CI; docs/mutation.md).
 # Runs in a copy under build/mutation/ (mutmut's mutants/ folder lands there, out of the work tree) and
-# keeps its results between runs: only new or changed mutants are tested again. One worker (2 cores).
-# MODULES="commit files" re-tests those modules only (their mutants are run again even if known).
+# keeps its results between runs: only new or changed mutants are tested again. JOBS=1 worker by
+# default (2 cores; JOBS=2 on an idle machine). MODULES="commit files" tests those modules only.
 # mutmut itself comes with the dev extra (pinned in pyproject.toml).
 MUTATE_DIR := build/mutation
 MODULES    ?=
+JOBS       ?= 1
 mutate: $(VENV)/.installed
 	mkdir -p $(MUTATE_DIR)
 	rm -rf $(MUTATE_DIR)/ckptstore $(MUTATE_DIR)/tests
 	cp -R ckptstore tests pyproject.toml $(MUTATE_DIR)/
-	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children 1 $(foreach m,$(MODULES),'ckptstore.$(m).*')
+	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MODULES),'ckptstore.$(m).*')
 	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut results
 
