@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
 import sys
 import textwrap
 
+import crc32c
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -134,6 +136,33 @@ def test_an_export_is_never_written_from_a_damaged_checkpoint(store, caplog):
     assert "could not update the best-model export" in caplog.text and "fails its checksum" in caplog.text
     assert not storage.exists(EXPORT)
     assert [c.step for c in mgr.checkpoints()] == [0, 1]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_an_export_never_unpickles_what_a_checkpoint_file_was_replaced_with(store, caplog, capsys):
+    """The best checkpoint's torch file replaced by one whose pickle calls a function, with a
+    manifest to match (size and CRC32C): re-exporting it is refused, nothing runs, nothing is pruned."""
+    mgr = manager(store, format="torch")
+    best = mgr.save(state(0), step=0, metrics={"val_loss": 0.1})
+    storage = open_storage(store.url, store.storage_options)
+    storage.delete(EXPORT)
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(8)}, "evil": Evil()}, buf)
+    path = f"{best.name}/{best.files[0].path}"
+    with storage.open_write(path) as f:
+        f.write(buf.getvalue())
+    manifest = json.loads(storage.read(f"{best.name}/manifest.json"))
+    manifest["files"][0].update(size=len(buf.getvalue()), crc32c=f"{crc32c.crc32c(buf.getvalue()):08x}")
+    storage.delete(f"{best.name}/manifest.json")
+    storage.write_new(f"{best.name}/manifest.json", json.dumps(manifest).encode())
+    mgr.save(state(1), step=1, metrics={"val_loss": 0.5})
+    assert "could not update the best-model export" in caplog.text and "weights_only=False" in caplog.text
+    assert "pwned" not in capsys.readouterr().out
+    assert not storage.exists(EXPORT) and [c.step for c in mgr.checkpoints()] == [0, 1]
 
 
 def test_an_export_deleted_by_hand_is_written_again_by_the_next_save(store):
