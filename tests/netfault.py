@@ -19,10 +19,19 @@ What it can do:
   - ``DROP_REPLY``: forward it, read the upstream's whole reply (so the server has executed the
     request), then reset the client connection (``SO_LINGER`` 0, a real RST) without sending a
     byte of the reply: the "lost reply" that makes a client retry a request that succeeded;
-  - ``REFUSE``: reset the client connection before anything is forwarded.
+  - ``REFUSE``: reset the client connection before anything is forwarded;
+  - ``STATUS``: answer ``Rule.status`` (500, 502, 503 SlowDown, 429...) with an S3-style error
+    body, without forwarding: the server never sees the request;
+  - ``STALL``: read the request, forward nothing and send nothing for ``Rule.stall_seconds``
+    (or until the proxy stops), then reset: a connection that hangs without closing;
+  - ``CUT_REPLY``: forward it, relay the first ``Rule.reply_bytes`` bytes of the reply (head
+    included), then reset: a connection dropped mid-download.
 
   A rule can be limited to firing ``times`` times (the first matches), and/or fire with a
   seeded ``probability``; ``Rule.matched`` and ``Rule.fired`` count what it saw and did.
+* A region-like link for everything it relays: ``latency`` seconds added each way (before a
+  request goes upstream and before its reply goes back), and ``bandwidth`` bytes per second per
+  connection in each direction (sends are paced in 64 KiB slices).
 * It counts what it did (:class:`Stats`, and a log of ``(method, target, action)``), so a test
   can assert that a fault really happened.
 * It is a context manager: on exit it stops its threads and closes every socket. Every socket
@@ -35,8 +44,8 @@ request heads only, not bodies (gcsfs puts an uploaded object's name in the body
 its query instead). moto (Werkzeug) and the GCS emulator (``http.server``, HTTP/1.0) close
 the connection after every reply, so against them each request is a connection of its own.
 
-To add a kind of fault (latency, bandwidth caps), add an :class:`Action` and handle it in
-``_Connection._exchange``; matching, budgets and counting stay as they are.
+To add a kind of fault, add an :class:`Action` and handle it in ``_Connection._exchange``;
+matching, budgets and counting stay as they are.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -56,6 +66,7 @@ from urllib.parse import urlsplit
 __all__ = ["Action", "FaultProxy", "RequestHead", "Rule", "Stats"]
 
 _MAX_HEAD = 64 * 1024  # bytes of request/status line plus headers
+_SLICE = 64 * 1024  # bytes per paced send on a capped link
 
 
 class Action(enum.Enum):
@@ -64,6 +75,15 @@ class Action(enum.Enum):
     PASS = "pass"
     DROP_REPLY = "drop_reply"
     REFUSE = "refuse"
+    STATUS = "status"
+    STALL = "stall"
+    CUT_REPLY = "cut_reply"
+
+
+# S3's error codes for the statuses a test injects (GCS clients read the status alone)
+_ERROR_CODES = {500: ("Internal Server Error", "InternalError"), 502: ("Bad Gateway", "BadGateway"),
+                503: ("Slow Down", "SlowDown"), 429: ("Too Many Requests", "TooManyRequests"),
+                403: ("Forbidden", "AccessDenied"), 404: ("Not Found", "NoSuchKey")}
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,9 @@ class Rule:
         times: fire at most this many times (on the first matches); None means no limit.
         probability: fire on a matching request with this probability (drawn from ``seed``).
         seed: seeds this rule's own random generator, so runs repeat exactly.
+        status: the status ``STATUS`` answers (with an S3-style ``<Error><Code>`` body).
+        stall_seconds: how long ``STALL`` holds the connection before it resets it.
+        reply_bytes: how many bytes of the reply ``CUT_REPLY`` relays before it resets.
     """
 
     action: Action
@@ -103,6 +126,9 @@ class Rule:
     times: int | None = None
     probability: float = 1.0
     seed: int = 0
+    status: int = 503
+    stall_seconds: float = 30.0
+    reply_bytes: int = 0
     matched: int = field(default=0, init=False)  # matching requests seen
     fired: int = field(default=0, init=False)  # of which the action was applied
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
@@ -113,6 +139,8 @@ class Rule:
             raise ValueError(f"`probability` must be in [0, 1], got {self.probability!r}")
         if self.times is not None and self.times < 0:
             raise ValueError(f"`times` must be >= 0 or None, got {self.times!r}")
+        if self.action is Action.STATUS and self.status not in _ERROR_CODES:
+            raise ValueError(f"`status` must be one of {sorted(_ERROR_CODES)}, got {self.status!r}")
         self._pattern = re.compile(self.target) if self.target is not None else None
         self._rng = random.Random(self.seed)
 
@@ -150,6 +178,9 @@ class Stats:
     passed: int = 0  # replies relayed to the client
     dropped: int = 0  # requests executed upstream whose reply was replaced by a reset
     refused: int = 0  # requests reset before forwarding
+    answered: int = 0  # requests answered with an injected status, never forwarded
+    stalled: int = 0  # requests held without a reply, then reset
+    cut: int = 0  # replies reset after their first bytes
     errors: int = 0  # connections ended by a malformed message, a timeout or a reset
     log: list[tuple[str, str, Action]] = field(default_factory=list)
 
@@ -279,15 +310,34 @@ class _Connection:
                 self.upstream.close()
         self.upstream = self.up_reader = None
 
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Send ``data`` at the link's bandwidth (all at once without a cap)."""
+        rate = self.proxy.bandwidth
+        if not rate:
+            sock.sendall(data)
+            return
+        start = time.monotonic()
+        for offset in range(0, len(data), _SLICE):
+            sock.sendall(data[offset : offset + _SLICE])
+            ahead = start + (offset + min(_SLICE, len(data) - offset)) / rate - time.monotonic()
+            if ahead > 0 and self.proxy._stopping.wait(ahead):
+                raise ConnectionError("the proxy is stopping")
+
+    def _delay(self) -> None:
+        """One way of the link's latency (cut short when the proxy stops)."""
+        if self.proxy.latency and self.proxy._stopping.wait(self.proxy.latency):
+            raise ConnectionError("the proxy is stopping")
+
     def _forward(self, request: bytes) -> tuple[str, list[bytes], dict[str, str], _Reader]:
         """Send ``request`` upstream and read the final reply's head (interim 1xx skipped)."""
+        self._delay()
         for attempt in (0, 1):
             reused = self.upstream is not None
             if self.upstream is None or self.up_reader is None:
                 self.upstream = socket.create_connection(self.proxy.upstream_address, timeout=self.proxy.timeout)
                 self.up_reader = _Reader(self.upstream)
             try:
-                self.upstream.sendall(request)
+                self._send(self.upstream, request)
                 while True:
                     status_line, raw, headers = _read_head(self.up_reader)
                     if not 100 <= int(status_line.split(" ", 2)[1]) < 200:
@@ -304,7 +354,8 @@ class _Connection:
         """Relay one request and its reply; return False when the connection must end."""
         start, raw_headers, headers = _read_head(reader)
         method, target, version = ([*start.split(" ", 2), "", ""])[:3]
-        action = self.proxy._decide(RequestHead(method, target, headers))
+        rule = self.proxy._decide(RequestHead(method, target, headers))
+        action = Action.PASS if rule is None else rule.action
         if action is Action.REFUSE:
             self.proxy._count("refused")  # counted first: the client may look at once
             _reset(self.client)
@@ -314,6 +365,22 @@ class _Connection:
             self.client.sendall(f"{version or 'HTTP/1.1'} 100 Continue\r\n\r\n".encode("latin-1"))
             raw_headers = [h for h in raw_headers if not h.lower().startswith(b"expect:")]
         body = _read_body(reader, headers, until_close=False)
+        if action is Action.STALL:  # hold the connection, reply nothing, then reset
+            self.proxy._count("stalled")
+            assert rule is not None
+            self.proxy._stopping.wait(rule.stall_seconds)
+            _reset(self.client)
+            return False
+        if action is Action.STATUS:
+            assert rule is not None
+            reason, code = _ERROR_CODES[rule.status]
+            error = (f"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>{code}</Code><Message>injected by netfault"
+                     f"</Message><Resource>{target}</Resource></Error>").encode()
+            self._delay()
+            self.proxy._count("answered")
+            self._send(self.client, f"HTTP/1.1 {rule.status} {reason}\r\nContent-Type: application/xml\r\n"
+                                    f"Content-Length: {len(error)}\r\nConnection: close\r\n\r\n".encode() + error)
+            return False
         status_line, resp_raw, resp_headers, up_reader = self._forward(
             b"".join([start.encode("latin-1"), b"\r\n", *raw_headers, b"\r\n", body])
         )
@@ -325,8 +392,16 @@ class _Connection:
             self.proxy._count("dropped")
             _reset(self.client)
             return False
+        reply = b"".join([status_line.encode("latin-1"), b"\r\n", *resp_raw, b"\r\n", resp_body])
+        self._delay()
+        if action is Action.CUT_REPLY:
+            assert rule is not None
+            self.proxy._count("cut")
+            self._send(self.client, reply[: rule.reply_bytes])
+            _reset(self.client)
+            return False
         self.proxy._count("passed")
-        self.client.sendall(b"".join([status_line.encode("latin-1"), b"\r\n", *resp_raw, b"\r\n", resp_body]))
+        self._send(self.client, reply)
         server_closes = "close" in resp_headers.get("connection", "").lower() or (
             status_line.startswith("HTTP/1.0") and "keep-alive" not in resp_headers.get("connection", "").lower()
         )
@@ -344,6 +419,8 @@ class FaultProxy:
         upstream: the endpoint to relay to, ``"http://127.0.0.1:PORT"``.
         rules: checked in order for every request; the first that fires decides.
         timeout: seconds any socket operation may block (client, upstream, accept).
+        latency: seconds added each way to every relayed request (a 20 ms RTT is ``0.01``).
+        bandwidth: bytes per second per connection, each direction (None: no cap).
 
     Example:
         >>> with FaultProxy("http://127.0.0.1:9", [Rule(Action.DROP_REPLY, method="PUT", times=1)]) as proxy:
@@ -351,7 +428,13 @@ class FaultProxy:
         True
     """
 
-    def __init__(self, upstream: str, rules: list[Rule] | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, upstream: str, rules: list[Rule] | None = None, *, timeout: float = 30.0,
+        latency: float = 0.0, bandwidth: float | None = None,
+    ) -> None:
+        if latency < 0 or (bandwidth is not None and bandwidth <= 0):
+            raise ValueError(f"`latency` must be >= 0 and `bandwidth` > 0 or None, got {latency!r}, {bandwidth!r}")
+        self.latency, self.bandwidth = latency, bandwidth
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream must look like http://HOST:PORT, got {upstream!r}")
@@ -404,12 +487,13 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
 
-    def _decide(self, head: RequestHead) -> Action:
+    def _decide(self, head: RequestHead) -> Rule | None:
+        """The rule that fires for ``head`` (None: relay it), logged and counted."""
         with self._lock:
-            action = next((a for rule in self.rules if (a := rule.decide(head)) is not None), Action.PASS)
+            fired = next((rule for rule in self.rules if rule.decide(head) is not None), None)
             self.stats.requests += 1
-            self.stats.log.append((head.method, head.target, action))
-            return action
+            self.stats.log.append((head.method, head.target, Action.PASS if fired is None else fired.action))
+            return fired
 
     def _count(self, name: str) -> None:
         with self._lock:
