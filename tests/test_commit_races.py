@@ -6,6 +6,7 @@ calls wrapped so that another actor's real operations run at exactly that point.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -169,6 +170,44 @@ def test_a_save_tells_the_store_how_many_bytes_are_coming(store):
     mgr.storage.open_write = open_write
     mgr.save({"a": torch.zeros(3, 5), "b": torch.zeros(7, dtype=torch.float16), "n": 1}, step=1)
     assert hints == [3 * 5 * 4 + 7 * 2]
+
+
+def lose_the_reply(mgr, error: Exception, *, stored: bool) -> None:
+    """``mgr``'s manifest write stores the manifest (if ``stored``) and then raises ``error``:
+    a reply lost on the way back, and the client's retry refused or failed."""
+    real = mgr.storage.write_new
+
+    def write_new(path, data):
+        if path.endswith("/manifest.json"):
+            if stored:
+                real(path, data)
+            raise error
+        return real(path, data)
+
+    mgr.storage.write_new = write_new
+
+
+@pytest.mark.parametrize("error, said", [
+    (FileExistsError("the retry was refused: it exists"),
+     "the manifest write's reply was lost; the manifest there is ours, so the commit stands"),
+    (StorageError("the connection was reset"), "the manifest write failed after it was stored; the manifest there is ours"),
+])
+def test_a_commit_whose_reply_was_lost_stands(store, caplog, error, said):
+    """On every store, what ``test_lost_replies.py`` proves through a real proxy on S3 and GCS."""
+    mgr = manager(store)
+    lose_the_reply(mgr, error, stored=True)
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        info = mgr.save({"x": torch.ones(4)}, step=1)
+    assert f"{info.url}: {said}" in caplog.messages
+    assert [i.files for i in manager(store).checkpoints()] == [info.files] and assert_all_verify(store) == [1]
+
+
+def test_a_commit_that_failed_before_it_was_stored_raises_and_commits_nothing(store):
+    mgr = manager(store)
+    lose_the_reply(mgr, StorageError("the connection was refused"), stored=False)
+    with pytest.raises(StorageError, match="the connection was refused"):
+        mgr.save({"x": torch.ones(4)}, step=1)
+    assert manager(store).checkpoints() == [] and list(scan.scan(mgr.storage).abandoned) == ["step_00000001"]
 
 
 def test_a_killed_cleaner_is_finished_by_the_next_one(store):
