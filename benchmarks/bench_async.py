@@ -353,7 +353,7 @@ def store_ratios(c: dict[tuple[str, int], list[dict[str, Any]]], store: str, siz
     }
     if copies["prealloc"] is not None:
         out["prealloc"] = med(a, "stall_s") / med(copies["prealloc"], "stall_s")
-        out["prealloc_again"] = med(a, "stall_s", 1) / med(copies["prealloc"], "stall_s")
+        out["prealloc_again"] = med(a, "stall_s", 1) / med(copies["prealloc"], "stall_s", 1)
     if need["blocking"] is not None:
         b = need["blocking"]
         out.update({
