@@ -98,9 +98,8 @@ def check_free(storage: FsspecStorage, found: Scan, step: int, name: str, allow_
     """
     clash = next((i for i in found.committed if i.step == step or i.name == name), None)
     if clash is not None:
-        raise CheckpointExists(
-            f"step {step} is already committed as {clash.url}; save a new step or delete that one first"
-        )
+        taken = f"step {step}" if clash.step == step else f"the name {name!r} (step {clash.step})"
+        raise CheckpointExists(f"{taken} is already committed as {clash.url}; save a new step or delete that one first")
     if name in found.corrupt:
         raise CheckpointExists(unreadable_manifest_message(storage, name))
     if name in found.broken:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -208,6 +209,28 @@ def test_a_commit_that_failed_before_it_was_stored_raises_and_commits_nothing(st
     with pytest.raises(StorageError, match="the connection was refused"):
         mgr.save({"x": torch.ones(4)}, step=1)
     assert manager(store).checkpoints() == [] and list(scan.scan(mgr.storage).abandoned) == ["step_00000001"]
+
+
+def test_a_step_is_committed_once_whatever_name_it_is_saved_under(store):
+    mgr = manager(store)
+    first = mgr.save({"x": 1}, step=3)
+    with pytest.raises(CheckpointExists) as err:
+        mgr.save({"x": 2}, step=3, name="other")
+    assert str(err.value) == f"step 3 is already committed as {first.url}; save a new step or delete that one first"
+    with pytest.raises(CheckpointExists, match=f"the name 'step_00000003' \\(step 3\\) is already committed as {re.escape(first.url)};"):
+        mgr.save({"x": 2}, step=4, name="step_00000003")  # the name is taken too
+    assert [(i.step, i.name) for i in mgr.checkpoints()] == [(3, "step_00000003")]
+
+
+def test_a_save_into_a_folder_whose_data_is_missing_says_how_to_clear_it(store):
+    mgr = manager(store)
+    info = mgr.save({"x": 1}, step=2)
+    mgr.storage.delete(f"{info.name}/{info.files[0].path}")
+    with pytest.raises(CheckpointExists) as err:
+        mgr.save({"x": 2}, step=2)
+    assert str(err.value) == (
+        f"{mgr.storage.url(info.name)} holds a manifest whose data file is missing (a save that failed while it "
+        f"committed, or damage); it is removed once idle for abandoned_after, or now with delete('{info.name}')")
 
 
 def test_a_killed_cleaner_is_finished_by_the_next_one(store):
