@@ -70,3 +70,32 @@ def test_a_malformed_manifest_is_refused_with_its_url_and_reason(change, reason)
 def test_bytes_that_are_not_a_manifest_object_are_refused(data):
     with pytest.raises(CorruptCheckpointError, match="is not a valid manifest"):
         CheckpointInfo.from_json(data, url=URL)
+
+
+def test_the_manifest_bytes_are_stable():
+    """The on-storage format (docs/format.md): one-space-indented JSON, keys in this order, NaN as a string."""
+    assert info().to_json().decode() == """{
+ "manifest_version": 1,
+ "name": "step_00000003",
+ "step": 3,
+ "format": "safetensors",
+ "created": "2026-12-05T16:30:00+00:00",
+ "metrics": {
+  "loss": 0.25,
+  "nan": "nan",
+  "up": "inf",
+  "down": "-inf",
+  "int": 2.0
+ },
+ "monitor": {
+  "metric": "loss",
+  "mode": "min"
+ },
+ "files": [
+  {
+   "path": "state-0123abcd.safetensors",
+   "size": 1234,
+   "crc32c": "00c0ffee"
+  }
+ ]
+}"""
