@@ -99,3 +99,11 @@ def test_the_manifest_bytes_are_stable():
   }
  ]
 }"""
+
+
+def test_a_manifest_listing_no_data_file_is_refused_in_these_words():
+    doc = json.loads(info().to_json())
+    doc["files"] = []
+    with pytest.raises(CorruptCheckpointError) as err:
+        CheckpointInfo.from_json(json.dumps(doc).encode(), url=URL)
+    assert str(err.value) == f"{URL}/manifest.json is not a valid manifest: ValueError('it lists no data file')"
