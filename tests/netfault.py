@@ -25,7 +25,9 @@ What it can do:
   - ``STALL``: read the request, forward nothing and send nothing for ``Rule.stall_seconds``
     (or until the proxy stops), then reset: a connection that hangs without closing;
   - ``CUT_REPLY``: forward it, relay the first ``Rule.reply_bytes`` bytes of the reply (head
-    included), then reset: a connection dropped mid-download.
+    included), then reset: a connection dropped mid-download;
+  - ``CUT_REQUEST``: forward the head and the first ``Rule.request_bytes`` bytes of the body,
+    then reset both sides: a connection dropped mid-upload (the server gets a truncated request).
 
   A rule can be limited to firing ``times`` times (the first matches), and/or fire with a
   seeded ``probability``; ``Rule.matched`` and ``Rule.fired`` count what it saw and did.
@@ -78,6 +80,7 @@ class Action(enum.Enum):
     STATUS = "status"
     STALL = "stall"
     CUT_REPLY = "cut_reply"
+    CUT_REQUEST = "cut_request"
 
 
 # S3's error codes for the statuses a test injects (GCS clients read the status alone)
@@ -116,6 +119,7 @@ class Rule:
         status: the status ``STATUS`` answers (with an S3-style ``<Error><Code>`` body).
         stall_seconds: how long ``STALL`` holds the connection before it resets it.
         reply_bytes: how many bytes of the reply ``CUT_REPLY`` relays before it resets.
+        request_bytes: how many bytes of the request body ``CUT_REQUEST`` forwards before it resets.
     """
 
     action: Action
@@ -129,6 +133,7 @@ class Rule:
     status: int = 503
     stall_seconds: float = 30.0
     reply_bytes: int = 0
+    request_bytes: int = 0
     matched: int = field(default=0, init=False)  # matching requests seen
     fired: int = field(default=0, init=False)  # of which the action was applied
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
@@ -181,6 +186,7 @@ class Stats:
     answered: int = 0  # requests answered with an injected status, never forwarded
     stalled: int = 0  # requests held without a reply, then reset
     cut: int = 0  # replies reset after their first bytes
+    cut_requests: int = 0  # requests forwarded in part, then reset
     errors: int = 0  # connections ended by a malformed message, a timeout or a reset
     log: list[tuple[str, str, Action]] = field(default_factory=list)
 
@@ -358,6 +364,16 @@ class _Connection:
         action = Action.PASS if rule is None else rule.action
         if action is Action.REFUSE:
             self.proxy._count("refused")  # counted first: the client may look at once
+            _reset(self.client)
+            return False
+        if action is Action.CUT_REQUEST:  # the head and part of the body reach the server, then both sides reset
+            assert rule is not None
+            partial = reader.exactly(min(rule.request_bytes, int(headers.get("content-length", "0"))))
+            self.proxy._count("cut_requests")
+            upstream = socket.create_connection(self.proxy.upstream_address, timeout=self.proxy.timeout)
+            with contextlib.suppress(OSError):
+                upstream.sendall(b"".join([start.encode("latin-1"), b"\r\n", *raw_headers, b"\r\n", partial]))
+            _reset(upstream)
             _reset(self.client)
             return False
         if headers.get("expect", "").lower() == "100-continue":

@@ -98,6 +98,17 @@ def test_a_cut_reply_resets_after_its_first_bytes(s3_endpoint, bucket):
         assert proxy.stats.cut == 1
 
 
+def test_a_cut_request_reaches_the_server_truncated_and_stores_nothing(s3_endpoint, bucket):
+    payload = b"y" * 200_000
+    with FaultProxy(s3_endpoint, [Rule(Action.CUT_REQUEST, method="PUT", request_bytes=1000, times=1)]) as proxy:
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            request(proxy.url, "PUT", f"{bucket}/up", payload)
+        assert proxy.stats.cut_requests == 1
+        assert request(proxy.url, "GET", f"{bucket}/up")[0] == 404  # nothing was stored
+        assert request(proxy.url, "PUT", f"{bucket}/up", payload)[0] == 200  # the next one passes
+    assert request(s3_endpoint, "GET", f"{bucket}/up") == (200, payload)
+
+
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="`status`"):
         Rule(Action.STATUS, status=418)
