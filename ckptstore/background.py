@@ -91,8 +91,6 @@ class BackgroundSaver:
     def settle(self) -> None:
         """Wait for the save in flight, if any, and its thread (which holds the state's host copy
         until it ends); its failure, if unseen, stays for :meth:`wait`."""
-        if self._current is not None:
-            self._current._finished.wait()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 

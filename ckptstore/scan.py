@@ -125,7 +125,8 @@ def scan(storage: FsspecStorage, known: KnownManifests | None = None) -> Scan:
         if not unread:
             break
         never_read = unread if never_read is None else never_read & unread
-        time.sleep(0.05 * (attempt + 1))  # a concurrent prune deletes manifests one by one: let it get ahead
+        if attempt + 1 < LIST_ATTEMPTS:
+            time.sleep(0.05 * (attempt + 1))  # a concurrent prune deletes manifests one by one: let it get ahead
     else:
         if never_read:  # not a prune racing us (that would have left the next listing): the store disagrees with itself
             raise StorageError(

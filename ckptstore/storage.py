@@ -94,12 +94,11 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     if one_slash:  # fsspec would take "s3:/b/x" for a local folder named "s3:"
         scheme, rest = one_slash.groups()
         raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    no_cache = {"use_listings_cache": False} if protocol in _CACHES_LISTINGS else {}
     try:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        no_cache = {"use_listings_cache": False} if protocol in _CACHES_LISTINGS else {}
         fs, root = fsspec.core.url_to_fs(url, **{**(storage_options or {}), **no_cache})
     except ImportError as err:
-        protocol = url.split("://", 1)[0]
         extra = _EXTRA_FOR_PROTOCOL.get(protocol, protocol)
         raise MissingDependency(
             f"cannot open {url}: {err}. Install it with: pip install 'ckptstore[{extra}]'"
@@ -107,7 +106,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     except ValueError as err:
         raise StorageError(f"cannot open {url}: {err}") from err
     except TypeError as err:  # an option the filesystem's constructor does not take
-        explained = store_errors.explain(err, "open", url, url.split("://", 1)[0] if "://" in url else "file")
+        explained = store_errors.explain(err, "open", url, protocol)
         if explained is None:
             raise
         raise explained from err
