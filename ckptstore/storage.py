@@ -41,7 +41,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
-from . import localdisk, sniff, store_errors
+from . import localdisk, network, sniff, store_errors
 from .errors import CheckpointNotFound, ConfigError, InvalidNameError, MissingDependency, StorageError
 
 PART_BYTES = 16 * 2**20
@@ -82,7 +82,8 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     this process listed once would hide a manifest another process committed there later (even
     s3fs's ``cat_file`` asks that cache for the size first), and a checkpoint would be silently
     missing from the root. (In a chained URL such as ``simplecache::s3://`` the option would
-    reach only the outer layer, so it is not set there.)
+    reach only the outer layer, so it is not set there.) Timeouts and retry counts that bound
+    every request come from :mod:`ckptstore.network` where the caller set none.
 
     Example:
         >>> store = open_storage("memory://doc/open_storage")
@@ -96,8 +97,9 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     no_cache = {"use_listings_cache": False} if protocol in _CACHES_LISTINGS else {}
+    options = network.with_defaults(protocol, {**(storage_options or {}), **no_cache})
     try:
-        fs, root = fsspec.core.url_to_fs(url, **{**(storage_options or {}), **no_cache})
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
         extra = _EXTRA_FOR_PROTOCOL.get(protocol, protocol)
         raise MissingDependency(
@@ -112,6 +114,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         raise explained from err
     except Exception as err:  # a filesystem that reaches out as it is made (hf://) and fails in its own words
         raise StorageError(f"cannot open {url}: {type(err).__name__}: {err}") from err
+    network.tune(fs, protocol)
     return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
 
 

@@ -47,24 +47,38 @@ def explain(err: Exception, op: str, where: str, protocol: str) -> CkptStoreErro
             return CheckpointNotFound(f"{where} does not exist")
         if isinstance(err, NotADirectoryError):
             return StorageError(f"cannot {op} {where}: part of the path is a file, not a folder; fix the path")
-        return StorageError(f"cannot {op} {where}: the bucket or parent folder does not exist ({err}); create it or fix the URL")
-    if isinstance(err, PermissionError):
-        return StorageError(f"cannot {op} {where}: access denied ({err}); check the credentials "
+        if "upload_id=" in str(err) or "NoSuchUpload" in str(err):
+            return StorageError(f"cannot {op} {where}: the store no longer knows the upload (it expired, or an earlier "
+                                "try whose reply was lost completed it); nothing was committed, try the save again")
+        return StorageError(f"cannot {op} {where}: the bucket or parent folder does not exist ({_first_line(err)}); "
+                            "create it or fix the URL")
+    if isinstance(err, PermissionError) or _gcs_forbidden(err, protocol):
+        return StorageError(f"cannot {op} {where}: access denied ({_first_line(err)}); check the credentials "
                             "(environment or storage_options) and the bucket policy")
     if isinstance(err, OSError):
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             return StorageError(f"cannot {op} {where}: no space left on the device; free space or "
                                 "lower keep_last. Earlier checkpoints are intact.")
         hint = "; check the URL, the endpoint and the network" if isinstance(err, ConnectionError) or from_client(err) else ""
-        return StorageError(f"cannot {op} {where}: {err}{hint}")
+        return StorageError(f"cannot {op} {where}: {_first_line(err)}{hint}")
     if from_client(err):
-        return StorageError(f"cannot {op} {where}: {name}: {err}; check the URL, the endpoint and the network")
+        return StorageError(f"cannot {op} {where}: {name}: {_first_line(err)}; check the URL, the endpoint and the network")
     return None
 
 
 def from_client(err: Exception) -> bool:
     """Raised by a store's client library (botocore's EndpointConnectionError, gcsfs's HttpError, ...)."""
     return type(err).__module__.partition(".")[0] in _CLIENT_LIBRARIES
+
+
+def _gcs_forbidden(err: Exception, protocol: str) -> bool:
+    """gcsfs raises a plain ``OSError("Forbidden: <url>\\n<reply>")`` for a 403."""
+    return _family(protocol) == "gs" and type(err) is OSError and str(err).startswith("Forbidden:")
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's text: clients append the server's whole reply (XML, JSON) after it."""
+    return str(err).strip().partition("\n")[0]
 
 
 def _family(protocol: str) -> str:

@@ -1,0 +1,87 @@
+"""How long one request to an object store may take, and how often it is tried.
+
+A real bucket now and then resets a connection, answers 500 / 503 SlowDown / 429, or stalls
+without closing. The client libraries already retry the transient failures, with jittered
+exponential backoff; what they leave open is the bound. Out of the box s3fs retries every call
+5 times around botocore's own 5 attempts (25 tries of 15 s each for one stalled request:
+a save was measured held for 836 s), and gcsfs sends its requests with *no* timeout at all
+(``requests_timeout=None`` reaches aiohttp as "no limit"), so one stalled GCS connection
+holds a save or a load for as long as the connection lives.
+
+:func:`with_defaults` fills in, for S3 and GCS only, the options below; every option the caller
+gave in ``storage_options`` wins. :func:`tune` sets what s3fs only takes as an attribute.
+
+* **S3** (botocore's retry mode, ``legacy`` unless ``AWS_RETRY_MODE`` or the caller picks
+  another: it retries connection errors, read timeouts, 500/502/503/504, 429 and the
+  throttling codes such as SlowDown, waiting ``rand(0, 1) × 2^(n-1)`` s before try ``n+1``):
+  ``config_kwargs={"connect_timeout": 5, "read_timeout": 15, "retries": {"total_max_attempts":
+  4}}``, and s3fs's own retry loop (which also re-reads a body cut mid-download, and retries
+  SlowDown once more) cut from 5 to 2 rounds: at most 8 tries of one request (4 of one that
+  gets an error status other than SlowDown).
+* **GCS** (gcsfs retries each request 6 times on 408/429/5xx and connection errors, waiting
+  ``2^(n-1) + rand(0, 1)`` s, fixed in gcsfs): ``requests_timeout=aiohttp.ClientTimeout(
+  sock_connect=5, sock_read=15)``.
+
+Permanent failures (403, 404, a missing bucket, bad credentials) are not retried by either
+library and fail at once. A read timeout counts from the end of the request: an upload of a
+large part is never cut for being slow, only a reply that stops coming.
+
+Example:
+    >>> with_defaults("s3", {"key": "k"})["config_kwargs"]["retries"]
+    {'total_max_attempts': 4}
+    >>> with_defaults("s3", {"config_kwargs": {"read_timeout": 60}})["config_kwargs"]["read_timeout"]
+    60
+    >>> round(request_bound_s("s3")), round(request_bound_s("gs"))
+    (134, 126)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 15.0  # no byte of a reply for this long: the connection has stalled
+S3_BOTOCORE_ATTEMPTS = 4
+S3_S3FS_ROUNDS = 2
+GCSFS_ATTEMPTS = 6  # gcsfs's own, not configurable per filesystem
+_S3 = frozenset({"s3", "s3a"})
+_GCS = frozenset({"gs", "gcs"})
+
+
+def with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ckptstore's timeouts and retry counts added where the caller set none."""
+    if protocol in _S3:
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        config.setdefault("read_timeout", READ_TIMEOUT_S)
+        config.setdefault("retries", {"total_max_attempts": S3_BOTOCORE_ATTEMPTS})
+        return {**options, "config_kwargs": config}
+    if protocol in _GCS and options.get("requests_timeout") is None:
+        import aiohttp  # gcsfs's own HTTP client
+
+        timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        return {**options, "requests_timeout": timeout}
+    return options
+
+
+def tune(fs: Any, protocol: str) -> None:
+    """Set the retry rounds s3fs takes only as an attribute (on ckptstore's own filesystem instance)."""
+    if protocol in _S3:
+        fs.retries = S3_S3FS_ROUNDS
+
+
+def request_bound_s(protocol: str, read_timeout_s: float = READ_TIMEOUT_S) -> float:
+    """The longest one request can take against a store that stalls every reply, with the defaults.
+
+    Each try waits at most ``read_timeout_s`` for a reply; the backoffs between tries are at
+    their longest. A save or a load that meets such a store raises within this bound at its
+    first request; one that meets a few stalls loses ``read_timeout_s`` per stall.
+    """
+    if protocol in _S3:
+        botocore_waits = sum(2.0 ** (n - 1) for n in range(1, S3_BOTOCORE_ATTEMPTS))
+        s3fs_waits = sum(min(1.7**i * 0.1, 15) for i in range(S3_S3FS_ROUNDS))
+        return S3_S3FS_ROUNDS * (S3_BOTOCORE_ATTEMPTS * read_timeout_s + botocore_waits) + s3fs_waits
+    if protocol in _GCS:
+        waits = sum(min(1.0 + 2.0 ** (n - 1), 32) for n in range(1, GCSFS_ATTEMPTS))
+        return GCSFS_ATTEMPTS * read_timeout_s + waits
+    raise ValueError(f"no network bound for protocol {protocol!r}")
