@@ -24,6 +24,7 @@ from .errors import (
 from .files import load, save
 from .manager import CheckpointManager
 from .manifest import CheckpointInfo
+from .network import Transfers
 from .partial import LoadReport, load_partial
 from .rng import RNGState
 
@@ -43,6 +44,7 @@ __all__ = [
     "RNGState",
     "StateMismatchError",
     "StorageError",
+    "Transfers",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "load",

@@ -30,6 +30,7 @@ from .errors import (
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
 from .manifest import MANIFEST_NAME, CheckpointInfo
+from .network import Transfers
 from .partial import LoadReport, load_partial
 from .preemption import PreemptionWatcher
 from .results import Restored, RootListing
@@ -63,6 +64,8 @@ class CheckpointManager:
             and by this process's, before a save or prune deletes it as an abandoned save (a
             save in progress elsewhere is not idle); see :mod:`ckptstore.cleanup`.
         save_interval_steps, save_interval_seconds: when :meth:`should_save` says yes (see there).
+        transfers: parts and ranges of one file in flight at once on S3/GCS, and their size
+            (:class:`ckptstore.Transfers`; default 4 of 8 MiB).
 
     A manager is a context manager: leaving the ``with`` block waits for a background save
     (``save(..., blocking=False)``) and raises its failure.
@@ -91,6 +94,7 @@ class CheckpointManager:
         abandoned_after: float = 600.0,
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
         self.format = get_format(format)
@@ -105,7 +109,7 @@ class CheckpointManager:
             raise ConfigError(f"`abandoned_after` must be >= 0 seconds, got {abandoned_after!r}")
         self.abandoned_after = abandoned_after
         self.storage_options = storage_options
-        self.storage = open_storage(root, storage_options)
+        self.storage = open_storage(root, storage_options, transfers)
         self.storage.check_bucket()
         self.storage.check_not_a_file()
         self._known = KnownManifests()

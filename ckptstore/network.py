@@ -37,15 +37,45 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from .errors import ConfigError
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 15.0  # no byte of a reply for this long: the connection has stalled
 S3_BOTOCORE_ATTEMPTS = 4
 S3_S3FS_ROUNDS = 2
 GCSFS_ATTEMPTS = 6  # gcsfs's own, not configurable per filesystem
+MIN_PART_BYTES = 5 * 2**20  # S3's smallest part (all but the last)
 _S3 = frozenset({"s3", "s3a"})
 _GCS = frozenset({"gs", "gcs"})
+
+
+@dataclass(frozen=True)
+class Transfers:
+    """How one file moves over the network: ``in_flight`` parts (uploads to S3) or ranges
+    (whole-file reads from S3 and GCS) of ``part_bytes`` each at once.
+
+    Memory: a save holds ``(in_flight + 1) × part_bytes`` (the part being filled and those
+    uploading: 40 MiB by default), a read ``in_flight × part_bytes``. More in flight helps on a
+    link with latency and a per-connection cap; on loopback it changes little. GCS uploads go
+    one chunk after another whatever ``in_flight`` says (a resumable upload is sequential).
+
+    Example:
+        >>> Transfers(part_bytes=16 << 20, in_flight=8).part_bytes
+        16777216
+    """
+
+    part_bytes: int = 8 * 2**20
+    in_flight: int = 4
+
+    def __post_init__(self) -> None:
+        if type(self.part_bytes) is not int or self.part_bytes < MIN_PART_BYTES:
+            raise ConfigError(f"`part_bytes` must be an int of at least {MIN_PART_BYTES} (S3's smallest part), "
+                              f"got {self.part_bytes!r}")
+        if type(self.in_flight) is not int or self.in_flight < 1:
+            raise ConfigError(f"`in_flight` must be an int of at least 1, got {self.in_flight!r}")
 
 
 def with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:

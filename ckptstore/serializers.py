@@ -150,7 +150,7 @@ class SafetensorsFormat:
             out.write_tensor(t)
 
     def read(self, src: Source, map_location: MapLocation, weights_only: bool, expected_crc: int | None) -> Any:
-        with src.storage.open_read(src.path) as raw:
+        with src.storage.open_stream(src.path, src.size) as raw:
             stream = ChecksumReader(raw, src.where)
             length = header_length(stream.read(8) if src.size >= 8 else b"", src.size, src.where)
             header = parse_header(stream.read(length), src.size, src.where)
@@ -209,7 +209,7 @@ def read_checked(src: Source, expected_crc: int | None, *, copy_to: IO[bytes] | 
                  progress: Callable[[int], None] | None = None) -> None:
     """Read ``src`` once, in ``CHUNK_BYTES`` pieces (copied to ``copy_to``, counted by
     ``progress``), and check its CRC32C against ``expected_crc`` (unless None)."""
-    with src.storage.open_read(src.path) as raw:
+    with src.storage.open_stream(src.path, src.size) as raw:
         stream = ChecksumReader(raw, src.where)
         buffer = bytearray(max(1, min(CHUNK_BYTES, src.size)))
         for start in range(0, src.size, len(buffer)):

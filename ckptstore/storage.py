@@ -38,13 +38,15 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any, NamedTuple
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from . import localdisk, network, sniff, store_errors
+from .multipart import ConcurrentUpload
+from .prefetch import PrefetchReader
 from .errors import CheckpointNotFound, ConfigError, InvalidNameError, MissingDependency, StorageError
 
-PART_BYTES = 16 * 2**20
 # The temp files of local atomic writes: ".<final name>.<12 hex>.tmp", in the final file's folder.
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the hint being low
@@ -73,7 +75,8 @@ class Listed(NamedTuple):
     tag: str
 
 
-def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FsspecStorage:
+def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 transfers: network.Transfers | None = None) -> FsspecStorage:
     """Return the :class:`FsspecStorage` rooted at ``url``.
 
     ``storage_options`` go to fsspec as given; on S3, GCS and Azure always with
@@ -83,7 +86,8 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     s3fs's ``cat_file`` asks that cache for the size first), and a checkpoint would be silently
     missing from the root. (In a chained URL such as ``simplecache::s3://`` the option would
     reach only the outer layer, so it is not set there.) Timeouts and retry counts that bound
-    every request come from :mod:`ckptstore.network` where the caller set none.
+    every request come from :mod:`ckptstore.network` where the caller set none; ``transfers``
+    sets how many parts or ranges of one file move at once (:class:`ckptstore.network.Transfers`).
 
     Example:
         >>> store = open_storage("memory://doc/open_storage")
@@ -115,7 +119,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     except Exception as err:  # a filesystem that reaches out as it is made (hf://) and fails in its own words
         raise StorageError(f"cannot open {url}: {type(err).__name__}: {err}") from err
     network.tune(fs, protocol)
-    return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"))
+    return FsspecStorage(fs, root.rstrip("/"), url=url.rstrip("/"), transfers=transfers or network.Transfers())
 
 
 def open_parent(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> tuple[FsspecStorage, str]:
@@ -164,6 +168,7 @@ class FsspecStorage:
         fs: any fsspec filesystem.
         root: the root inside ``fs`` (as ``url_to_fs`` returns it).
         url: the root as the user wrote it, for messages.
+        transfers: parts and ranges in flight per file on remote stores.
 
     Example:
         >>> store = open_storage("memory://doc/storage")
@@ -172,8 +177,10 @@ class FsspecStorage:
         b'el'
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, url: str) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, url: str,
+                 transfers: network.Transfers | None = None) -> None:
         self.fs = fs
+        self.transfers = transfers or network.Transfers()
         self.root = root
         self.root_url = url
         self.is_local = isinstance(fs, LocalFileSystem)
@@ -227,6 +234,23 @@ class FsspecStorage:
         options = {"cache_type": "none"} if exact and not self.is_local else {}
         with self._errors("read", path), self.fs.open(self._full(path), "rb", **options) as f:
             yield f
+
+    @contextlib.contextmanager
+    def open_stream(self, path: str, size: int) -> Iterator[IO[bytes]]:
+        """A file object to read ``path`` (``size`` bytes, as a manifest says) from start to end.
+
+        On S3 and GCS it keeps ``transfers.in_flight`` ranges of ``transfers.part_bytes`` in
+        flight ahead of the reader (:class:`~ckptstore.prefetch.PrefetchReader`); elsewhere it
+        is the store's own file object. A file shorter than ``size`` ends early.
+        """
+        if not isinstance(self.fs, AsyncFileSystem) or self.is_local:
+            with self.open_read(path) as f:
+                yield f
+            return
+        transfers = self.transfers
+        with self._errors("read", path), PrefetchReader(self.fs, self._full(path), size, chunk_bytes=transfers.part_bytes,
+                                                        in_flight=transfers.in_flight) as reader:
+            yield reader  # type: ignore[misc]
 
     def size(self, path: str) -> int:
         """Size of ``path`` in bytes (asked of the store, not of a cached listing)."""
@@ -333,10 +357,11 @@ class FsspecStorage:
         the write itself on local disks and memory:// (so another process's write a moment
         later cannot be mistaken for it), and asked of the store right after it elsewhere.
 
-        On object stores the upload part size is ``PART_BYTES``, or larger when ``size_hint``
-        (the expected size) needs it to stay within S3's 10,000 parts. The client holds about
-        three copies of one part at a time (fsspec's buffer, s3fs's part, the HTTP body), so
-        the part size, not the file size, bounds the memory a save costs.
+        On object stores the upload part size is ``transfers.part_bytes``, or larger when
+        ``size_hint`` (the expected size) needs it to stay within S3's 10,000 parts. On S3,
+        ``transfers.in_flight`` parts upload at once (:class:`~ckptstore.multipart.ConcurrentUpload`):
+        the part being filled and those uploading, not the file size, bound the memory a save
+        costs. Elsewhere the store's own file object uploads one part after another.
         """
         full = self._full(path)
         with self._errors("write", path):
@@ -351,16 +376,20 @@ class FsspecStorage:
                 if published is not None:
                     published.append(_version_of({"size": memory_file.size, "created": memory_file.created}))
                 return
-            part = max(PART_BYTES, -(-size_hint // MAX_PARTS))
-            f = self.fs.open(full, "wb", autocommit=False, block_size=part)
+            part = max(self.transfers.part_bytes, -(-size_hint // MAX_PARTS))
+            upload: Any  # fsspec's AbstractBufferedFile or a ConcurrentUpload: both close, commit and discard
+            if hasattr(self.fs, "call_s3"):  # s3fs: parts upload concurrently
+                upload = ConcurrentUpload(self.fs, full, part_bytes=part, in_flight=self.transfers.in_flight)
+            else:
+                upload = self.fs.open(full, "wb", autocommit=False, block_size=part)
             try:
-                yield f
+                yield upload
+                upload.close()
+                upload.commit()  # a part that failed for good, or the completion, raises here
             except BaseException:
-                f.discard()
-                f.closed = True  # stop fsspec's __del__ from committing a partial upload
+                upload.discard()  # abort: no parts left billed
+                upload.closed = True  # stop fsspec's __del__ from committing a partial upload
                 raise
-            f.close()
-            f.commit()
         if published is not None:
             published.append(self.version(path))
 

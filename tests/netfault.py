@@ -35,7 +35,9 @@ What it can do:
   request goes upstream and before its reply goes back), and ``bandwidth`` bytes per second per
   connection in each direction (sends are paced in 64 KiB slices).
 * It counts what it did (:class:`Stats`, and a log of ``(method, target, action)``), so a test
-  can assert that a fault really happened.
+  can assert that a fault really happened, and the most requests it handled at once
+  per method (``Stats.max_in_flight["PUT"]``), so a test can see how many transfers a client
+  keeps going.
 * It is a context manager: on exit it stops its threads and closes every socket. Every socket
   has a timeout (``timeout`` seconds), so a stuck peer never hangs a test.
 
@@ -188,6 +190,8 @@ class Stats:
     cut: int = 0  # replies reset after their first bytes
     cut_requests: int = 0  # requests forwarded in part, then reset
     errors: int = 0  # connections ended by a malformed message, a timeout or a reset
+    in_flight: dict[str, int] = field(default_factory=dict)  # group (method) -> requests being handled now
+    max_in_flight: dict[str, int] = field(default_factory=dict)  # group (method) -> the most at once
     log: list[tuple[str, str, Action]] = field(default_factory=list)
 
 
@@ -287,6 +291,7 @@ class _Connection:
         self.client = client
         self.upstream: socket.socket | None = None
         self.up_reader: _Reader | None = None
+        self._unfinished: str | None = None  # the group of the request being handled
 
     def serve(self) -> None:
         reader = _Reader(self.client)
@@ -359,8 +364,25 @@ class _Connection:
     def _exchange(self, reader: _Reader) -> bool:
         """Relay one request and its reply; return False when the connection must end."""
         start, raw_headers, headers = _read_head(reader)
+        method, target, _ = ([*start.split(" ", 2), "", ""])[:3]
+        head = RequestHead(method, target, headers)
+        rule = self.proxy._decide(head)
+        self._unfinished = self.proxy.group(head)
+        try:
+            return self._handle(reader, rule, start, raw_headers, headers)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Count the request as handled (once): called before its reply's last bytes go out, so
+        that a client's next request, sent the moment it has the reply, never overlaps it."""
+        if self._unfinished is not None:
+            self.proxy._done(self._unfinished)
+            self._unfinished = None
+
+    def _handle(self, reader: _Reader, rule: Rule | None, start: str, raw_headers: list[bytes],
+                headers: dict[str, str]) -> bool:
         method, target, version = ([*start.split(" ", 2), "", ""])[:3]
-        rule = self.proxy._decide(RequestHead(method, target, headers))
         action = Action.PASS if rule is None else rule.action
         if action is Action.REFUSE:
             self.proxy._count("refused")  # counted first: the client may look at once
@@ -394,6 +416,7 @@ class _Connection:
                      f"</Message><Resource>{target}</Resource></Error>").encode()
             self._delay()
             self.proxy._count("answered")
+            self._finish()
             self._send(self.client, f"HTTP/1.1 {rule.status} {reason}\r\nContent-Type: application/xml\r\n"
                                     f"Content-Length: {len(error)}\r\nConnection: close\r\n\r\n".encode() + error)
             return False
@@ -417,6 +440,7 @@ class _Connection:
             _reset(self.client)
             return False
         self.proxy._count("passed")
+        self._finish()
         self._send(self.client, reply)
         server_closes = "close" in resp_headers.get("connection", "").lower() or (
             status_line.startswith("HTTP/1.0") and "keep-alive" not in resp_headers.get("connection", "").lower()
@@ -437,6 +461,8 @@ class FaultProxy:
         timeout: seconds any socket operation may block (client, upstream, accept).
         latency: seconds added each way to every relayed request (a 20 ms RTT is ``0.01``).
         bandwidth: bytes per second per connection, each direction (None: no cap).
+        group: names the class of a request for ``Stats.in_flight`` / ``max_in_flight``
+            (default: its method), so a test can count, say, data-file reads apart from listings.
 
     Example:
         >>> with FaultProxy("http://127.0.0.1:9", [Rule(Action.DROP_REPLY, method="PUT", times=1)]) as proxy:
@@ -446,11 +472,12 @@ class FaultProxy:
 
     def __init__(
         self, upstream: str, rules: list[Rule] | None = None, *, timeout: float = 30.0,
-        latency: float = 0.0, bandwidth: float | None = None,
+        latency: float = 0.0, bandwidth: float | None = None, group: Callable[[RequestHead], str] | None = None,
     ) -> None:
         if latency < 0 or (bandwidth is not None and bandwidth <= 0):
             raise ValueError(f"`latency` must be >= 0 and `bandwidth` > 0 or None, got {latency!r}, {bandwidth!r}")
         self.latency, self.bandwidth = latency, bandwidth
+        self.group: Callable[[RequestHead], str] = group or (lambda head: head.method)
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream must look like http://HOST:PORT, got {upstream!r}")
@@ -508,8 +535,15 @@ class FaultProxy:
         with self._lock:
             fired = next((rule for rule in self.rules if rule.decide(head) is not None), None)
             self.stats.requests += 1
+            key = self.group(head)
+            now = self.stats.in_flight[key] = self.stats.in_flight.get(key, 0) + 1
+            self.stats.max_in_flight[key] = max(self.stats.max_in_flight.get(key, 0), now)
             self.stats.log.append((head.method, head.target, Action.PASS if fired is None else fired.action))
             return fired
+
+    def _done(self, key: str) -> None:
+        with self._lock:
+            self.stats.in_flight[key] -= 1
 
     def _count(self, name: str) -> None:
         with self._lock:

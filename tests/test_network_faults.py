@@ -193,7 +193,8 @@ def storm(store: Any, proxy: FaultProxy, per_kind: int, max_rounds: int, seed: i
             assert same(dict(direct.restore(which=s)), state_of(s)), f"step {s} does not hold what was saved"
         if step in steps:
             committed.append(step)
-        assert steps == committed[-3:], f"kept {steps}, committed {committed}: retention lost a checkpoint"
+        # the newest three are kept; an older one may outlive its turn when a faulty delete failed (the next save retries)
+        assert set(committed[-3:]) <= set(steps) <= set(committed), f"kept {steps}, committed {committed}"
     counts = {name: rule.fired for name, rule in rules.items()}
     return counts, raised
 
@@ -213,6 +214,7 @@ def test_saves_restores_and_partial_loads_ride_out_a_storm_of_faults(remote_stor
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)
 def test_a_long_storm_of_every_kind_of_fault(remote_store, proxy):
     counts, raised = storm(remote_store, proxy, per_kind=100, max_rounds=3000, seed=2)
     _report(remote_store, counts, raised)

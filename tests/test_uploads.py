@@ -79,16 +79,16 @@ def test_a_fresh_manager_watches_before_it_aborts(s3):
 
 KILLED_MID_UPLOAD = """
 import json, os, signal, sys, torch
-from ckptstore import CheckpointManager
+from ckptstore import CheckpointManager, Transfers
 url, opts = sys.argv[1], json.loads(sys.argv[2])
-mgr = CheckpointManager(url, storage_options=opts)
+mgr = CheckpointManager(url, storage_options=opts, transfers=Transfers(part_bytes=16 * 2**20, in_flight=1))
 real = mgr.storage.open_write
 class Dying:
     def __init__(self, f):
         self.f, self.n = f, 0
     def write(self, data):
         self.n += memoryview(data).nbytes
-        if self.n > 20 * 2**20:  # one 16 MiB part is up: die as a reclaimed spot instance does
+        if self.n > 33 * 2**20:  # sending the second 16 MiB part waited for the first (one in flight): die
             os.kill(os.getpid(), signal.SIGKILL)
         return self.f.write(data)
     def __getattr__(self, name):
