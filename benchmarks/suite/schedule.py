@@ -47,7 +47,7 @@ class Cell:
 
 def sizes_of(args: argparse.Namespace, store: str) -> list[float]:
     """The state sizes a store runs at: its own ``--<store>-size-mib`` if it has one, else ``--sizes-mib``."""
-    return getattr(args, f"{store}_size_mib") if STORES[store].sizes_help else args.sizes_mib
+    return getattr(args, f"{store.replace('-', '_')}_size_mib") if STORES[store].sizes_help else args.sizes_mib
 
 
 def sizes_by_store(args: argparse.Namespace) -> dict[float, list[str]]:

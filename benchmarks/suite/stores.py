@@ -79,6 +79,28 @@ def _s3(args: argparse.Namespace) -> Running:
     return Running(f"s3://{BUCKET}", s3_options(endpoint), counter=endpoint, teardown=teardown)
 
 
+LINK_RTT_S = 0.020  # a bucket in the same region, seen from a VM
+LINK_MIB_S_PER_CONNECTION = 12.5  # 100 Mbit/s per connection: well under moto's own ~60 MiB/s in all
+
+
+def _s3_link(args: argparse.Namespace) -> Running:
+    """moto behind the fault proxy (tests/netfault.py) set to a region-like link."""
+    from common.link import FaultProxy
+
+    server, endpoint, _ = start_moto()
+    fs = s3_fs(endpoint)
+    fs.mkdir(BUCKET)
+    proxy = FaultProxy(endpoint, latency=LINK_RTT_S / 2, bandwidth=LINK_MIB_S_PER_CONNECTION * 2**20, timeout=120.0).start()
+
+    def teardown() -> None:
+        proxy.stop()
+        with contextlib.suppress(Exception):
+            fs.rm(BUCKET, recursive=True)
+        server.stop()
+
+    return Running(f"s3://{BUCKET}", s3_options(proxy.url), counter=endpoint, teardown=teardown)
+
+
 def _gcs(args: argparse.Namespace) -> Running:
     server, endpoint, _ = start_gcs_emulator()
     gcs_fs(endpoint).mkdir(BUCKET)
@@ -106,6 +128,16 @@ STORES: dict[str, Store] = {
         "saves, response bodies for loads). moto serves ~60 MiB/s and reads the whole object for every ranged GET, "
         "so S3 wall times measure moto more than the client: read the S3 rows as ratios to the raw put/cat of the "
         "same bytes and, for partial loads, by bytes moved and requests.",
+    ),
+    "s3-link": Store(
+        "S3 (moto) behind a 20 ms, 12.5 MiB/s-per-connection link", _s3_link, client="s3fs", default=False,
+        sizes_help="state sizes for S3 behind the link",
+        about=f"**S3 behind a link** is the same moto reached through the fault proxy of the tests "
+        f"(`tests/netfault.py`, in the parent process) set to a region-like link: {LINK_RTT_S * 1000:.0f} ms added "
+        f"per request (half each way) and {LINK_MIB_S_PER_CONNECTION} MiB/s per connection in each direction. The "
+        "cap is lower than a real region's because moto itself serves ~60 MiB/s in all: a 50 MiB/s cap would "
+        "measure moto, not the link. Here what counts is how many transfers a client keeps going at once; the "
+        "link's limit for a client with n connections is bytes ÷ (n × the cap).",
     ),
     "gcs": Store(
         "GCS (emulator)", _gcs, client="gcsfs",
