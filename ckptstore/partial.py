@@ -267,7 +267,7 @@ def opened(url: str | os.PathLike[str], storage_options: dict[str, Any] | None, 
     """:func:`resolve`, with the format found from the first bytes: a torch file from before 1.6
     (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
     storage, name, info = resolve(url, storage_options)
-    size = storage.size(name)
+    size = info.files[0].size if info is not None else storage.size(name)  # the manifest knows it: no request
     head = _read(storage, name, 0, min(HEAD_BYTES, size), report)
     if file_format(head, storage.url(name)) != "torch-legacy":
         yield Opened(storage, name, info, size, head)

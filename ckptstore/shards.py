@@ -62,9 +62,9 @@ def find(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = N
     if posixpath.basename(url).endswith(_FILE_SUFFIXES):
         return None
     folder = open_storage(url, storage_options)
-    listed = folder.list_files()
-    if MANIFEST_NAME in listed:  # a ckptstore checkpoint folder
+    if folder.exists(MANIFEST_NAME):  # a ckptstore checkpoint folder: one request, not a listing
         return None
+    listed = folder.list_files()
     found = sorted(p for p in listed if "/" not in p and p.endswith(INDEX_SUFFIX))
     if len(found) > 1:
         raise CorruptCheckpointError(f"{url} holds several shard indexes ({', '.join(found)}); name the one to read")
