@@ -33,7 +33,10 @@ What it can do:
   seeded ``probability``; ``Rule.matched`` and ``Rule.fired`` count what it saw and did.
 * A region-like link for everything it relays: ``latency`` seconds added each way (before a
   request goes upstream and before its reply goes back), and ``bandwidth`` bytes per second per
-  connection in each direction (sends are paced in 64 KiB slices).
+  connection in each direction: a request is read from the client at that rate (64 KiB at a
+  time, so TCP holds the client back, as a real link does: its upload takes the time the link
+  takes, and its read timeout starts only after it), then sent upstream at once; a reply is
+  sent to the client at that rate, in 64 KiB slices.
 * It counts what it did (:class:`Stats`, and a log of ``(method, target, action)``), so a test
   can assert that a fault really happened, and the most requests it handled at once
   per method (``Stats.max_in_flight["PUT"]``), so a test can see how many transfers a client
@@ -202,13 +205,20 @@ class _Closed(Exception):
 class _Reader:
     """Buffered reads of lines and exact byte counts from a socket, keeping the raw bytes."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, rate: float | None = None, stopping: threading.Event | None = None) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.rate, self.stopping = rate, stopping or threading.Event()
+        self._free_at = 0.0  # monotonic time when the link is free again (no credit builds up while idle)
 
     def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
+        chunk = self.sock.recv(_SLICE)
         self.buf += chunk
+        if self.rate and chunk:  # hold the sender back to the link's rate, as TCP would
+            self._free_at = max(self._free_at, time.monotonic()) + len(chunk) / self.rate
+            ahead = self._free_at - time.monotonic()
+            if ahead > 0 and self.stopping.wait(ahead):
+                raise ConnectionError("the proxy is stopping")
         return bool(chunk)
 
     def line(self) -> bytes:
@@ -294,7 +304,7 @@ class _Connection:
         self._unfinished: str | None = None  # the group of the request being handled
 
     def serve(self) -> None:
-        reader = _Reader(self.client)
+        reader = _Reader(self.client, self.proxy.bandwidth, self.proxy._stopping)  # uploads are paced as they arrive
         try:
             while not self.proxy._stopping.is_set() and self._exchange(reader):
                 pass
@@ -348,7 +358,7 @@ class _Connection:
                 self.upstream = socket.create_connection(self.proxy.upstream_address, timeout=self.proxy.timeout)
                 self.up_reader = _Reader(self.upstream)
             try:
-                self._send(self.upstream, request)
+                self.upstream.sendall(request)  # paced already, as it arrived from the client
                 while True:
                     status_line, raw, headers = _read_head(self.up_reader)
                     if not 100 <= int(status_line.split(" ", 2)[1]) < 200:
