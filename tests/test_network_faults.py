@@ -206,10 +206,10 @@ def _report(store: Any, counts: dict[str, int], raised: list[str]) -> None:
 
 
 def test_saves_restores_and_partial_loads_ride_out_a_storm_of_faults(remote_store, proxy):
-    """Every kind of transient fault, a few times each (make test-long: 100 of each kind)."""
-    counts, raised = storm(remote_store, proxy, per_kind=2, max_rounds=60, seed=1)
+    """Every kind of transient fault at least once (make test-long: 100 of each kind)."""
+    counts, raised = storm(remote_store, proxy, per_kind=1, max_rounds=60, seed=1)
     _report(remote_store, counts, raised)
-    assert min(counts.values()) >= 2, counts
+    assert min(counts.values()) >= 1, counts
     assert len(raised) <= 3, raised  # 4 to 8 tries a request: a failure needs several faults in a row
 
 
