@@ -12,7 +12,7 @@ from suite.operations import OPERATIONS
 from suite.stores import STORES
 
 MiB = 2**20
-CHARTS = (("mib_s", "MiB/s (log)", "suite_throughput.png"), ("peak", "peak extra RSS, MiB", "suite_memory.png"))
+CHARTS = (("mib_s", "MiB/s (log)", "throughput"), ("peak", "peak extra RSS, MiB", "memory"))  # <name>_<kind>.png
 
 
 def _bar(r: dict[str, Any], what: str) -> tuple[float, float, float]:
@@ -52,8 +52,9 @@ def _panel(ax: Any, rows: list[dict[str, Any]], impls: list[str], colors: dict[s
     ax.grid(axis="y", alpha=0.3)
 
 
-def charts(data: dict[str, Any], out_dir: Path, copy_to: Path | None) -> list[Path]:
-    """Write the PNGs to ``out_dir`` (and copy them to ``copy_to``); returns the paths written."""
+def charts(data: dict[str, Any], out_dir: Path, copy_to: Path | None, name: str = "suite") -> list[Path]:
+    """Write ``<name>_throughput.png`` and ``<name>_memory.png`` to ``out_dir`` (and copy them to
+    ``copy_to``); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +67,8 @@ def charts(data: dict[str, Any], out_dir: Path, copy_to: Path | None) -> list[Pa
     cmap = plt.get_cmap("tab20")
     colors = {i: cmap(n % 20) for n, i in enumerate(impls)}
     written = []
-    for what, ylabel, fname in CHARTS:
+    for what, ylabel, kind in CHARTS:
+        fname = f"{name}_{kind}.png"
         fig, axes = plt.subplots(len(sizes), len(ops), figsize=(6.5 * len(ops), 4.2 * len(sizes)), squeeze=False)
         for si, size in enumerate(sizes):
             for oi, op in enumerate(ops):

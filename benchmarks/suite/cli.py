@@ -54,6 +54,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                     help="add this invocation to --out (cells measured again replace the old ones) and report both")
     ap.add_argument("--note", default="", help="a sentence for RESULTS.md, e.g. what else ran on the machine")
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--name", default="suite",
+                    help="another name gets its own RESULTS.md section ('## Suite: <--title>') and charts <name>_*.png, "
+                    "beside the main matrix's")
+    ap.add_argument("--title", default=SECTION.removeprefix("## Suite: "), help="the section's title, with --name")
     ap.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md and benchmarks/charts/ alone")
     ap.add_argument("--no-charts", action="store_true")
     ap.add_argument("--from-json", default=None, metavar="PATH", help="measure nothing: re-render from a saved JSON")
@@ -68,13 +72,14 @@ def write_outputs(data: dict[str, Any], args: argparse.Namespace) -> None:
     """Charts next to ``--out``, the section on stdout and, unless ``--no-results-md``, in RESULTS.md and charts/."""
     out_dir = Path(args.out).parent
     if not args.no_charts:
-        for p in charts(data, out_dir, None if args.no_results_md else HERE / "charts"):
+        for p in charts(data, out_dir, None if args.no_results_md else HERE / "charts", args.name):
             log(f"wrote {p}")
-    section = render_section(data)
+    title = SECTION if args.name == "suite" else f"## Suite: {args.title}"
+    section = render_section(data, args.name, title)
     print(section)
     if not args.no_results_md:
-        replace_section(Path(args.results_md), SECTION, section)
-        log(f"updated {args.results_md} ({SECTION}); charts copied to {HERE / 'charts'}")
+        replace_section(Path(args.results_md), title, section)
+        log(f"updated {args.results_md} ({title}); charts copied to {HERE / 'charts'}")
 
 
 def _cell(r: dict[str, Any]) -> tuple[str, str, str, float]:

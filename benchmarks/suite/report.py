@@ -146,12 +146,12 @@ PEERS = (
 )
 
 
-def render_section(data: dict[str, Any]) -> str:
+def render_section(data: dict[str, Any], name: str = "suite", title: str = SECTION) -> str:
     rows = data["summary"]
     sizes = sorted({r["size_mib"] for r in rows})
     stores_by_size = {s: [st for st in STORES if any(r["store"] == st and r["size_mib"] == s for r in rows)] for s in sizes}
     inv = data["invocations"]
-    out = [SECTION, "", *_invocation_lines(data), _machine_line(inv[-1]), ""]
+    out = [title, "", *_invocation_lines(data), _machine_line(inv[-1]), ""]
     notes = list(dict.fromkeys(i["note"] for i in inv if i.get("note")))
     if notes:
         out += ["**The machine was shared.** " + " ".join(notes) + " Wall times carry that noise (CPU seconds less so); "
@@ -167,8 +167,8 @@ def render_section(data: dict[str, Any]) -> str:
         "Implementations (rows; ckptstore in bold):", "",
         *[f"- `{name}`: {impl.label}" for name, impl in IMPLEMENTATIONS.items() if any(r["impl"] == name for r in rows)],
         "",
-        "![throughput](charts/suite_throughput.png)", "",
-        "![peak memory](charts/suite_memory.png)", "",
+        f"![throughput](charts/{name}_throughput.png)", "",
+        f"![peak memory](charts/{name}_memory.png)", "",
     ]
     for size in sizes:
         for op, operation in OPERATIONS.items():
