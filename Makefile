@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
+# a literal comma for $(if ...) arguments
+, := ,
 .PHONY: demo test test-long lint bench clean mutate
 
 $(VENV)/.installed: pyproject.toml
@@ -40,14 +42,19 @@ bench: $(VENV)/.installed
 # keeps its results between runs: only new or changed mutants are tested again. JOBS=1 worker by
 # default (2 cores; JOBS=2 on an idle machine). MODULES="commit files" tests those modules only.
 # mutmut itself comes with the dev extra (pinned in pyproject.toml).
-MUTATE_DIR := build/mutation
+# REMOTE=1 runs the S3 (moto) and GCS (emulator) params instead of local and memory://, in
+# build/mutation-remote: for the code only a remote store reaches (network, multipart, prefetch).
 MODULES    ?=
 JOBS       ?= 1
+REMOTE     ?=
+MUTATE_DIR := $(if $(REMOTE),build/mutation-remote,build/mutation)
 mutate: $(VENV)/.installed
 	mkdir -p $(MUTATE_DIR)
 	rm -rf $(MUTATE_DIR)/ckptstore $(MUTATE_DIR)/tests
 	cp -R ckptstore tests pyproject.toml $(MUTATE_DIR)/
-	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MODULES),'ckptstore.$(m).*')
+	$(if $(REMOTE),sed -i 's/"not remote and not long"/"not long"/; s/--timeout=60/--timeout=300/' $(MUTATE_DIR)/pyproject.toml)
+	cd $(MUTATE_DIR) && CKPTSTORE_MUTATION_STORES=$(if $(REMOTE),s3$(,)gcs,local$(,)memory) \
+		$(abspath $(VENV))/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MODULES),'ckptstore.$(m).*')
 	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut results
 

@@ -3,6 +3,8 @@
 Loaded with ``-p tests.mutation_subset`` (mutmut runs pytest from its ``mutants/`` copy, where ``tests``
 is importable); normal runs never load it. The s3/gcs params are also deselected here, so the
 servers never start, and the file:// param is dropped: it runs the same code as the local one.
+``CKPTSTORE_MUTATION_STORES=s3,gcs`` (``make mutate REMOTE=1``) keeps the remote params instead,
+for the code only they reach.
 The slowest tests that start Python child processes (about 80 of the subset's 130 seconds) are
 dropped too: each re-imports torch per mutant, and the code they reach in the child is the code
 the in-process tests reach.
@@ -10,9 +12,11 @@ the in-process tests reach.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-KEPT_KINDS = frozenset({"local", "memory"})
+KEPT_KINDS = frozenset(os.environ.get("CKPTSTORE_MUTATION_STORES", "local,memory").split(","))  # make mutate REMOTE=1: s3,gcs
 STORE_FIXTURES = ("store", "process_store", "remote_store")
 CHILD_PROCESS_TESTS = (
     "tests/test_cli.py::test_demo_is_preempted_by_sigkill_and_resumes_exactly",
