@@ -139,7 +139,8 @@ def restore_checkpoint(
         with _vanishing(storage.url(path)):
             f = open(local, "rb")  # noqa: SIM115 - the one descriptor of this restore, closed below
         with f:
-            return _restore(storage, path, f, crc, info, target, map_location, weights_only, max_buffer, strict)
+            return _restore(storage, path, f, crc, info, target, map_location, weights_only, max_buffer, strict,
+                            storage.url(path))
     with tempfile.TemporaryDirectory(prefix="ckptstore-restore-") as folder:  # remote: a checked local copy first
         name = posixpath.basename(path)
         with open(os.path.join(folder, name), "w+b") as copy_file:
@@ -147,16 +148,18 @@ def restore_checkpoint(
                 read_checked(Source(storage, path, entry.size), crc, copy_to=copy_file)
             copy_file.flush()
             return _restore(open_storage(folder), name, copy_file, None, info, target, map_location, weights_only, max_buffer,
-                            strict)
+                            strict, storage.url(path))
 
 
 def _restore(
     data: FsspecStorage, path: str, f: IO[bytes], crc: int | None, info: CheckpointInfo,
     target: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, max_buffer: int, strict: bool,
+    where: str,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Restore from ``data``'s local file ``path``, open as ``f``; its CRC32C is checked through
-    ``f`` unless ``crc`` is None (already checked)."""
-    where, size = data.url(path), info.files[0].size
+    ``f`` unless ``crc`` is None (already checked). ``where``: the file's URL for messages (a
+    remote checkpoint is restored from a local copy, whose name means nothing to the user)."""
+    size = info.files[0].size
     report = LoadReport()
     with _vanishing(where):
         try:
@@ -193,7 +196,7 @@ def _restore(
     shared = {m.key for _, saved, _ in checks.opaque for m in leaves(saved, Marker)}  # loaded before the bytes land
     direct = _destinations([p for p in checks.pairs if p.key not in shared], sources)
     fresh = {k: scratch(sources[k]) for k in needed if k not in direct}
-    transfer = Transfer(data, path, max_buffer, report, fd=f.fileno())
+    transfer = Transfer(data, path, max_buffer, report, fd=f.fileno(), where=where)
     transfer.run([(sources[k], t.view(torch.uint8)) for k, t in fresh.items()], check=[sources[k] for k in needed])
     placed: dict[str, torch.Tensor] = {}
 

@@ -230,7 +230,7 @@ def check_crc(actual: int, expected: int | None, where: str) -> None:
         )
 
 
-def torch_load(path: str, where: str, map_location: MapLocation, weights_only: bool, mmap: bool = False) -> Any:
+def torch_load(path: str, where: str, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
     """``torch.load`` of the local file ``path`` that turns refusals and damage into ckptstore errors.
 
     Read through a file object unless ``mmap``: given a path, torch decides by its name (a

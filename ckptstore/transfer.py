@@ -130,13 +130,15 @@ class Transfer:
         fd: an open descriptor of the local file ``name``, read instead of opening it by name
             for each batch (the caller closes it): the very file the caller checked, even if
             it is deleted meanwhile.
+        where: the URL messages name, when ``name`` is a local copy of a remote file.
     """
 
     def __init__(self, storage: FsspecStorage, name: str, max_buffer: int, counter: ReadCounter,
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, where: str | None = None) -> None:
         if max_buffer < 2**16:
             raise ConfigError(f"`max_buffer` must be at least 64 KiB, got {max_buffer}")
         self.storage, self.name, self.counter, self.fd = storage, name, counter, fd
+        self._where = where
         self.max_buffer, self.chunk = max_buffer, max(2**16, max_buffer // 4)
         self.local = storage.local_path(name)
         self._staging: list[torch.Tensor] = []
@@ -173,7 +175,8 @@ class Transfer:
 
     @property
     def where(self) -> str:
-        return self.storage.url(self.name)
+        """The file's URL in messages: ``where`` if given (a local copy's origin), else its own."""
+        return self._where or self.storage.url(self.name)
 
     def _batches(self, parts: list[_Part]) -> Iterator[list[_Request]]:
         """Coalesce sorted parts into requests, and requests into batches of <= max_buffer bytes.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 
+import crc32c
 import pytest
 import torch
 
-from ckptstore import CheckpointManager, UnsupportedValueError
+from ckptstore import CheckpointManager, LoadReport, UnsupportedValueError
 from ckptstore.safetensors_header import DTYPE_CODES
-from ckptstore.serializers import place
+from ckptstore.serializers import STAGING_BYTES, ChecksumWriter, place
+from ckptstore.storage import open_storage
+from ckptstore.transfer import SourceTensor, Transfer
 
 FORMATS = ["safetensors", "torch"]
 FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
@@ -82,3 +86,40 @@ def test_cuda_tensors_go_through_the_staging_buffer(fmt):
     mgr.save({"w": w}, step=0)
     assert torch.equal(mgr.restore()["w"], w)
     assert mgr.restore(map_location="cpu")["w"].device.type == "cpu"
+
+
+class OnAnotherDevice(torch.Tensor):
+    """A CPU tensor that says it is on a CUDA device: it drives the device paths (a transfer's
+    os.pread and alternating staging buffers, a writer's staging buffer) on a machine without
+    one, where the bytes can be checked. Only CUDA's events and pinned memory stay untested."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 0)
+
+
+def test_the_device_path_lands_every_byte_through_the_staging_buffers(store):
+    data = bytes(range(256)) * 1024  # 256 KiB, after a 16-byte "header"
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write("x.bin") as f:
+        f.write(b"h" * 16 + data)
+    dest = torch.zeros(len(data), dtype=torch.uint8).as_subclass(OnAnotherDevice)
+    transfer = Transfer(storage, "x.bin", 2**16, LoadReport())  # 64 KiB chunks: four copies, two buffers
+    transfer.run([(SourceTensor("x", torch.uint8, (len(data),), 16, 16 + len(data)), dest)])
+    assert bytes(dest.as_subclass(torch.Tensor).numpy()) == data
+    assert transfer._copies == 4 and len(transfer._staging) == 2
+
+
+def test_tensors_off_the_cpu_are_written_through_one_reusable_staging_buffer():
+    t = torch.arange(STAGING_BYTES // 4 + 3, dtype=torch.float32)  # one 16 MiB staging chunk and 12 bytes
+    expected = t.numpy().tobytes()
+    out = io.BytesIO()
+    writer = ChecksumWriter(out)
+    writer.write_tensor(t.as_subclass(OnAnotherDevice))
+    assert out.getvalue() == expected and (writer.size, writer.crc) == (len(expected), crc32c.crc32c(expected))
+    staging = writer._staging
+    assert staging is not None and staging.dtype == torch.uint8 and staging.numel() == STAGING_BYTES
+    assert staging.is_pinned() == torch.cuda.is_available()
+    writer.write_tensor(torch.ones(2).as_subclass(OnAnotherDevice))
+    assert writer._staging is staging  # one buffer per file

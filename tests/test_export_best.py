@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import crc32c
 import pytest
@@ -120,20 +122,32 @@ def test_export_mistakes_fail_before_anything_is_written(store):
     assert mgr.checkpoints() == [] and mgr.uncommitted() == {}
 
 
-def test_an_export_is_never_written_from_a_damaged_checkpoint(store, caplog):
+def tensor_byte(data: bytes, fmt: str) -> int:
+    """The offset of a byte of tensor data: the last one in a safetensors file, inside a torch zip's data/0 record."""
+    if fmt == "safetensors":
+        return len(data) - 3
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith("/data/0"))
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len + 1
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_an_export_is_never_written_from_a_damaged_checkpoint(store, caplog, fmt):
     """The best checkpoint's data file altered in place (same size): re-exporting it fails its
     CRC32C, the export stays absent, and retention waits, so the best checkpoint is not pruned."""
-    mgr = manager(store)
+    mgr = manager(store, format=fmt)
     best = mgr.save(state(0), step=0, metrics={"val_loss": 0.1})
     storage = open_storage(store.url, store.storage_options)
     storage.delete(EXPORT)
     path = f"{best.name}/{best.files[0].path}"
     data = bytearray(storage.read(path))
-    data[-3] ^= 0xFF  # a tensor byte: the file still parses, only its checksum tells
+    data[tensor_byte(data, fmt)] ^= 0xFF  # a tensor byte: the file still parses, only its checksum tells
     with storage.open_write(path) as f:
         f.write(bytes(data))
     mgr.save(state(1), step=1, metrics={"val_loss": 0.5})
-    assert "could not update the best-model export" in caplog.text and "fails its checksum" in caplog.text
+    assert "could not update the best-model export" in caplog.text
+    assert (f"{storage.url(path)} fails its checksum (crc32c {crc32c.crc32c(bytes(data)):08x}, manifest "
+            f"{best.files[0].crc32c:08x}): the bytes were altered") in caplog.text
     assert not storage.exists(EXPORT)
     assert [c.step for c in mgr.checkpoints()] == [0, 1]
 

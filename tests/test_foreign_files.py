@@ -3,17 +3,21 @@ content, and torch files from before torch 1.6, on every store."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import safetensors.torch
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
 import ckptstore
-from ckptstore import ConfigError, CorruptCheckpointError
+from ckptstore import ConfigError, CorruptCheckpointError, StorageError, UnsafeCheckpointError, files
 from ckptstore.cli import main
 from ckptstore.convert import convert
 from ckptstore.partial import describe
@@ -70,8 +74,10 @@ def test_touching_loaded_tensors_after_the_file_is_truncated_does_not_kill_the_p
 def test_a_legacy_file_cannot_be_memory_mapped_and_says_so(tmp_path):
     path = tmp_path / "old.pt"
     path.write_bytes(torch_bytes(STATE, _use_new_zipfile_serialization=False))
-    with pytest.raises(ConfigError, match=r"before torch 1\.6.*mmap=False"):
+    with pytest.raises(ConfigError) as err:
         ckptstore.load(path, mmap=True)
+    assert str(err.value) == (f"{path} is a torch file from before torch 1.6, which cannot be memory-mapped; "
+                              "load it with mmap=False")
 
 
 # -- point 2: the format comes from the content, not the name ---------------------------------------------
@@ -414,3 +420,118 @@ def test_convert_of_a_file_it_must_trust_needs_the_opt_in_and_then_keeps_the_obj
     assert "ckptstore convert --trust-pickle" in capsys.readouterr().err
     convert(url, store.join("copy.pt"), storage_options=opts, weights_only=False)
     assert ckptstore.load(store.join("copy.pt"), weights_only=False, storage_options=opts)["cfg"].value == 3
+
+
+# -- what the caller passes to load reaches every file it reads: map_location, weights_only, mmap, options --
+
+
+def test_save_writes_the_format_its_extension_names(store):
+    """``.safetensors``: a file stock safetensors reads; anything else: a torch.save file."""
+    storage = open_storage(store.url, store.storage_options)
+    ckptstore.save(STATE, store.join("w.safetensors"), storage_options=store.storage_options)
+    assert same(safetensors.torch.load(storage.read("w.safetensors")), STATE)
+    ckptstore.save(STATE, store.join("w.bin"), storage_options=store.storage_options)
+    assert same(torch.load(io.BytesIO(storage.read("w.bin")), weights_only=True), STATE)
+
+
+def file_of_kind(store, kind: str) -> str:
+    """A file holding ``STATE``: a stock safetensors file, one ckptstore wrote (with its state
+    tree), a torch file, or a Hugging Face sharded folder of either format."""
+    if kind == "stock.safetensors":
+        return put(store, "stock.safetensors", safetensors.torch.save(STATE))
+    if kind == "tree.safetensors":
+        ckptstore.save(STATE, store.join("tree.safetensors"), storage_options=store.storage_options)
+        return store.join("tree.safetensors")
+    if kind == "torch":
+        return put(store, "w.pt", torch_bytes(STATE))
+    sharded(store, kind.removeprefix("sharded-"))
+    return store.join("hf")
+
+
+@pytest.mark.parametrize("kind, mmap", [("stock.safetensors", False), ("tree.safetensors", False), ("torch", False),
+                                        ("torch", True), ("sharded-safetensors", False), ("sharded-torch", True)])
+def test_load_puts_tensors_where_map_location_says_in_every_format(store, kind, mmap):
+    url = file_of_kind(store, kind)
+    for map_location, device in [("meta", "meta"), ({"cpu": "meta"}, "meta"), ({"cuda:0": "meta"}, "cpu")]:
+        loaded = ckptstore.load(url, map_location=map_location, mmap=mmap, storage_options=store.storage_options)
+        assert {t.device.type for t in loaded.values()} == {device}, map_location
+
+
+def file_mapped(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory is a mapping of a file (what mmap=True promises), from /proc/self/maps."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= ptr < high:
+                return len(fields) == 6 and fields[5].startswith("/")
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("kind", ["torch", "sharded-torch"])
+def test_mmap_maps_the_tensors_of_a_file_on_any_store_and_of_every_shard(store, kind):
+    url = file_of_kind(store, kind)
+    mapped = ckptstore.load(url, mmap=True, storage_options=store.storage_options)
+    owned = ckptstore.load(url, storage_options=store.storage_options)
+    assert all(file_mapped(t) for t in mapped.values()) and not any(file_mapped(t) for t in owned.values())
+
+
+class Trusted:
+    """A pickled object that only ``weights_only=False`` loads."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_weights_only_false_loads_pickled_objects_from_a_file_and_from_every_shard(store, mmap):
+    url = put(store, "trusted.pt", torch_bytes({"w": torch.ones(2), "obj": Trusted(7)}))
+    assert ckptstore.load(url, weights_only=False, mmap=mmap, storage_options=store.storage_options)["obj"].value == 7
+    put(store, "hf/pytorch_model-00001-of-00002.bin", torch_bytes({"a": Trusted(1)}))
+    put(store, "hf/pytorch_model-00002-of-00002.bin", torch_bytes({"b": Trusted(2)}))
+    index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
+    put(store, "hf/pytorch_model.bin.index.json", json.dumps(index).encode())
+    loaded = ckptstore.load(store.join("hf"), weights_only=False, mmap=mmap, storage_options=store.storage_options)
+    assert {k: v.value for k, v in loaded.items()} == {"a": 1, "b": 2}
+    with pytest.raises(UnsafeCheckpointError):
+        ckptstore.load(store.join("hf"), mmap=mmap, storage_options=store.storage_options)
+
+
+class LockedMemoryFileSystem(MemoryFileSystem):
+    """``memory://`` behind a token: a store that cannot be opened without its storage_options."""
+
+    protocol = ("lockedmem",)
+    store: ClassVar[dict] = {}  # its own files, apart from memory://'s (a class-level dict there too)
+    pseudo_dirs: ClassVar[list[str]] = [""]
+
+    def __init__(self, token: str | None = None, **kwargs) -> None:
+        if token != "open sesame":
+            raise PermissionError("lockedmem:// takes storage_options={'token': ...}")
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("lockedmem://", "memory://", 1) if isinstance(path, str) else path)
+
+
+@pytest.fixture
+def locked_store(monkeypatch):
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "lockedmem", LockedMemoryFileSystem)
+    monkeypatch.setattr(LockedMemoryFileSystem, "store", {})
+    monkeypatch.setattr(LockedMemoryFileSystem, "pseudo_dirs", [""])
+    return SimpleNamespace(url="lockedmem://run", storage_options={"token": "open sesame"},
+                           join=lambda *parts: "/".join(["lockedmem://run", *parts]))
+
+
+def test_storage_options_reach_every_file_that_save_verify_and_load_open(locked_store):
+    store, opts = locked_store, locked_store.storage_options
+    url = store.join("w.safetensors")
+    ckptstore.save(STATE, url, storage_options=opts)
+    files.verify(url, storage_options=opts)
+    assert same(ckptstore.load(url, storage_options=opts), STATE)
+    everything = sharded(store, "safetensors")
+    assert same(ckptstore.load(store.join("hf/model.safetensors.index.json"), storage_options=opts), everything)
+    with pytest.raises(StorageError, match="lockedmem:// takes storage_options"):
+        ckptstore.load(url)  # the options are what open the store

@@ -137,3 +137,65 @@ def test_torch_file_with_os_system_in_its_pickle_is_refused():
 def test_broken_torch_files(data, match):
     with pytest.raises(CorruptCheckpointError, match=match):
         load_bytes(data, "model.pt")
+
+
+def stored(store, name: str, data: bytes) -> str:
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write(name) as f:
+        f.write(data)
+    return storage.url(name)
+
+
+def load_error(store, url: str, **kwargs) -> str:
+    with pytest.raises(CkptStoreError) as err:
+        ckptstore.load(url, storage_options=store.storage_options, **kwargs)
+    return f"{type(err.value).__name__}: {err.value}"
+
+
+def test_broken_safetensors_files_are_named_with_what_is_wrong(store):
+    """The whole message, URL included: it is all the user has to find the file."""
+    cases = {
+        "two.safetensors": (b"\x01\x02", "{url} is 2 bytes, too short for a safetensors header"),
+        "eight.safetensors": (struct.pack("<Q", 2), "{url} claims a 2-byte header but the file is 8 bytes (truncated?)"),
+        "json.safetensors": (struct.pack("<Q", 4) + b"{x}}", "{url}: the safetensors header is not valid JSON (Expecting "
+                                                             "property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    }
+    for name, (data, message) in cases.items():
+        url = stored(store, name, data)
+        assert load_error(store, url) == "CorruptCheckpointError: " + message.format(url=url)
+
+
+def raise_unpickling_error(text: str) -> None:
+    raise pickle.UnpicklingError(text)
+
+
+class FailsToUnpickle:
+    """A trusted pickle whose own code fails, in words that mention weights_only."""
+
+    def __reduce__(self):
+        return (raise_unpickling_error, ("this object has no weights_only form",))
+
+
+def test_torch_files_that_cannot_be_unpickled_say_whether_trusting_them_would_help(store):
+    """Refused under weights_only: "pass weights_only=False". Broken, or failing once trusted: corrupt,
+    never advice to pass what the caller passed already."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(1), "evil": Evil()}, buf)
+    url = stored(store, "evil.pt", buf.getvalue())
+    assert load_error(store, url) == (
+        f"UnsafeCheckpointError: {url} holds pickled objects beyond tensors and plain containers; loading them runs "
+        "arbitrary code. If you trust this file, pass weights_only=False")
+    buf = io.BytesIO()
+    torch.save({"obj": FailsToUnpickle()}, buf)
+    url = stored(store, "fails.pt", buf.getvalue())
+    assert load_error(store, url, weights_only=False) == (
+        f"CorruptCheckpointError: {url} is not a readable torch file: this object has no weights_only form")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02garbage")
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+    url = stored(store, "garbage.pt", buf.getvalue())
+    assert load_error(store, url, weights_only=False) == (
+        f"CorruptCheckpointError: {url} is not a readable torch file: pickle data was truncated")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import struct
+import zipfile
 
+import crc32c
 import pytest
+import safetensors.torch
 import torch
 
-from ckptstore import CheckpointManager, CorruptCheckpointError
-from ckptstore.storage import open_storage
+from ckptstore import CheckpointManager, CorruptCheckpointError, files
+from ckptstore.serializers import ChecksumReader, SafetensorsFormat, Source, read_checked
+from ckptstore.storage import FsspecStorage, open_parent, open_storage
 
 
 def corrupt(store, info, how: str) -> str:
@@ -107,3 +113,117 @@ def test_unreadable_manifest_is_skipped_not_deleted(store):
     assert [c.step for c in mgr.checkpoints()] == [0]
     mgr.save({"x": 1}, step=1)
     assert storage.exists("step_00000007/manifest.json")  # left for a human: never auto-deleted
+
+
+# -- single files: ``ckptstore verify <file>`` (files.verify), no manifest to compare with --------------
+
+
+def put_file(store, name: str, data: bytes) -> str:
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write(name) as f:
+        f.write(data)
+    return store.join(name)
+
+
+def zip_of(members: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buf.getvalue()
+
+
+def torch_file_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def member_data_offset(data: bytes, suffix: str) -> tuple[str, int]:
+    """The zip member ending with ``suffix`` and the file offset of its first data byte."""
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith(suffix))
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    return info.filename, info.header_offset + 30 + name_len + extra_len
+
+
+def test_verify_of_a_single_file_checks_each_torch_record_and_each_safetensors_header(store):
+    """Sound files of both formats pass; a flipped tensor byte, a cut zip, a zip of something else
+    and a damaged safetensors header are each refused in a message naming the file and the damage."""
+    good_pt = torch_file_bytes({"w": torch.arange(64.0)})
+    files.verify(put_file(store, "good.pt", good_pt), storage_options=store.storage_options)
+    files.verify(put_file(store, "good.safetensors", safetensors.torch.save({"w": torch.arange(64.0) + 1})),
+                 storage_options=store.storage_options)
+
+    member, offset = member_data_offset(good_pt, "/data/0")
+    flipped = bytearray(good_pt)
+    flipped[offset + 5] ^= 0x01  # the zip still opens: only the record's CRC32 tells
+    cases = {
+        "flipped.pt": (bytes(flipped), "{url}: record " + member + " fails its CRC32"),
+        "cut.pt": (good_pt[: len(good_pt) // 2], "{url} is not a readable torch zip: File is not a zip file"),
+        "other.zip": (zip_of({"notes/readme.txt": "hi"}), "{url} is a sound zip archive but not a torch checkpoint "
+                                                         "(no single <archive>/data.pkl)"),
+        "short.safetensors": (b"\x01\x02\x03", "{url} is 3 bytes, too short for a safetensors header"),
+        "bad.safetensors": (struct.pack("<Q", 4) + b"{x}}", "{url}: the safetensors header is not valid JSON "
+                                                             "(Expecting property name enclosed in double quotes: "
+                                                             "line 1 column 2 (char 1))"),
+    }
+    for name, (data, message) in cases.items():
+        url = put_file(store, name, data)
+        with pytest.raises(CorruptCheckpointError) as err:
+            files.verify(url, storage_options=store.storage_options)
+        assert str(err.value) == message.format(url=url)
+
+
+def test_verify_reads_a_safetensors_header_and_load_sniffs_only_the_first_bytes(store, monkeypatch):
+    """A safetensors file has no checksum to compute: its prefix and header are all verify reads.
+    load finds the format from a few bytes, then streams the tensors once (not through ``read``)."""
+    url = put_file(store, "big.safetensors", safetensors.torch.save({"w": torch.zeros(2**16)}))
+    read: list[int] = []
+    original = FsspecStorage.read
+
+    def counted(self, path, start=None, end=None):
+        data = original(self, path, start, end)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(FsspecStorage, "read", counted)
+    files.verify(url, storage_options=store.storage_options)
+    assert 0 < sum(read) < 1000  # the 256 KiB of tensor data stay unread
+    read.clear()
+    assert files.load(url, storage_options=store.storage_options)["w"].shape == (2**16,)
+    assert 0 < sum(read) <= 16
+
+
+def test_a_file_that_shrinks_while_it_is_read_is_named_as_truncated(store):
+    """The size was taken, then the file was cut (another writer): the reader says where it ended."""
+    data = safetensors.torch.save({"w": torch.arange(100.0)})
+    url = put_file(store, "w.safetensors", data[:-40])
+    storage, name = open_parent(url, store.storage_options)
+    source = Source(storage, name, len(data))  # the size it had when it was listed
+    for read in (lambda: read_checked(source, None), lambda: SafetensorsFormat().read(source, None, True, None)):
+        with pytest.raises(CorruptCheckpointError) as err:
+            read()
+        assert str(err.value) == f"{url} ended after {len(data) - 40} bytes; the file is truncated"
+
+
+class Trickle(io.RawIOBase):
+    """A stream that hands out at most 1000 bytes a call, as network files may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), 1000, len(self.data) - self.pos)
+        buffer[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_a_stream_that_returns_short_reads_is_read_whole_and_checksummed():
+    data = bytes(range(256)) * 20
+    reader = ChecksumReader(Trickle(data), "memory://x/w.bin")
+    assert reader.read(len(data)) == data and (reader.size, reader.crc) == (len(data), crc32c.crc32c(data))

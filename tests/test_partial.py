@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import uuid
 
 import pytest
 import safetensors.torch
@@ -10,10 +12,17 @@ import torch
 from torch import nn
 
 import ckptstore
-from ckptstore import CheckpointManager, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError, load_partial
+from ckptstore import (
+    CheckpointManager,
+    ConfigError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+    load_partial,
+)
 from ckptstore.partial import LoadReport
-from ckptstore.transfer import Transfer
-from ckptstore.storage import open_storage
+from ckptstore.transfer import SourceTensor, Transfer
+from ckptstore.storage import FsspecStorage, open_storage
 
 
 def pretrained() -> nn.Module:
@@ -133,6 +142,9 @@ def test_staging_buffers_alternate_and_copy_exactly():
         transfer._stage(np.full(10, i, dtype=np.uint8), dest)
         assert dest.tolist() == [i] * 10
     assert len(transfer._staging) == 2 and transfer._copies == 4
+    for buffer in transfer._staging:  # two chunks of bytes: the memory the docstring promises, pinned where CUDA is
+        assert buffer.dtype == torch.uint8 and buffer.numel() == transfer.chunk
+        assert buffer.is_pinned() == torch.cuda.is_available()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -229,3 +241,155 @@ def test_only_the_needed_ranges_are_read_from_a_large_file(store, kind):
     # safetensors: the head, then one range per tensor; torch adds zipfile's reads of the directory and data.pkl
     assert report.requests <= (3 if kind == "safetensors" else 16), report.requests
     assert torch.equal(target["layer02"], source["layer02"]) and torch.equal(target["layer12"], source["layer12"])
+
+
+def stored_bytes(url: str, name: str, data: bytes, storage_options: dict | None = None):
+    storage = open_storage(url, storage_options)
+    storage.makedirs()
+    with storage.open_write(name) as f:
+        f.write(data)
+    return storage
+
+
+def test_cpu_destinations_on_a_remote_store_receive_the_bytes_in_their_own_memory():
+    """No staging buffer for the CPU: the ranges land in the destination itself."""
+    data = bytes(range(256)) * 4
+    transfer = Transfer(stored_bytes(f"memory://land-{uuid.uuid4().hex}", "x.bin", data), "x.bin", 2**18, LoadReport())
+    dest = torch.zeros(len(data), dtype=torch.uint8)
+    transfer.run([(SourceTensor("x", torch.uint8, (len(data),), 0, len(data)), dest)])
+    assert bytes(dest.numpy()) == data and transfer._staging == []
+
+
+def test_a_short_read_is_refused_before_it_lands():
+    """The check that guards the device path (os.pread of a file cut since it was planned)."""
+    url = f"memory://short-{uuid.uuid4().hex}"
+    transfer = Transfer(open_storage(url), "x.bin", 2**18, LoadReport())
+    with pytest.raises(CorruptCheckpointError) as err:
+        transfer._land(memoryview(b"abc"), torch.zeros(5, dtype=torch.uint8))
+    assert str(err.value) == f"{url}/x.bin: short read (3 of 5 bytes)"
+
+
+def test_a_local_file_cut_after_it_was_planned_is_named_where_it_ends(tmp_path):
+    storage = stored_bytes(str(tmp_path), "x.bin", b"\x07" * 1000)
+    transfer = Transfer(storage, "x.bin", 2**18, LoadReport())
+    dest = torch.zeros(1500, dtype=torch.uint8)
+    with pytest.raises(CorruptCheckpointError) as err:
+        transfer.run([(SourceTensor("x", torch.uint8, (1500,), 0, 1500), dest)])
+    assert str(err.value) == f"{storage.url('x.bin')} ended before byte 1500"
+
+
+def test_a_filesystem_that_returns_short_reads_still_lands_every_byte(tmp_path, monkeypatch):
+    """FUSE and network filesystems may return fewer bytes than asked for, as Linux does past 2 GiB."""
+    source = {"w": torch.randn(3000), "b": torch.randn(10)}
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(stock_file("safetensors", source))
+    preadv = os.preadv
+
+    def at_most_1000_bytes(fd, buffers, offset):
+        return preadv(fd, [memoryview(buffers[0])[:1000]], offset)
+
+    monkeypatch.setattr(os, "preadv", at_most_1000_bytes)
+    target = {"w": torch.zeros(3000), "b": torch.zeros(10)}
+    assert load_partial(path, target).loaded == ["b", "w"]
+    assert all(torch.equal(target[k], source[k]) for k in source)
+
+
+def data_read(url: str, target: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Bytes and requests a partial load of ``target`` spends on tensor data: its report less the
+    header reads, measured as a load of ``baseline`` (one tensor, one request) less that tensor."""
+    report, base = load_partial(url, target), load_partial(url, baseline)
+    (only,) = baseline.values()
+    return (report.bytes_read - (base.bytes_read - only.numel() * only.element_size()),
+            report.requests - (base.requests - 1))
+
+
+def test_ranged_reads_coalesce_across_small_gaps_wasting_at_most_5_percent():
+    """10,000 needed bytes, then twenty 100-byte tensors each followed by a 100-byte one not wanted:
+    the first five gaps fit in 5% of the bytes needed (500 of 12,000), so they join the first request."""
+    tensors = {"a_big": torch.ones(2500)}
+    for i in range(20):
+        tensors[f"b{i:02d}_keep"] = torch.full((25,), float(i))
+        tensors[f"b{i:02d}_skip"] = torch.zeros(25)
+    url = f"memory://coalesce-{uuid.uuid4().hex}"
+    stored_bytes(url, "m.safetensors", safetensors.torch.save(tensors))
+    target = {k: torch.zeros_like(v) for k, v in tensors.items() if not k.endswith("skip")}
+    nbytes, requests = data_read(f"{url}/m.safetensors", target, {"a_big": torch.zeros(2500)})
+    assert (nbytes, requests) == (12_000 + 500, 1 + 14)
+    assert all(torch.equal(target[k], tensors[k]) for k in target)
+
+    adjacent = {f"s{i:03d}": torch.tensor([i], dtype=torch.uint8) for i in range(200)}  # one byte each, no gaps
+    stored_bytes(url, "adjacent.safetensors", safetensors.torch.save(adjacent))
+    target = {k: torch.zeros_like(v) for k, v in adjacent.items()}
+    assert data_read(f"{url}/adjacent.safetensors", target, {"s000": torch.zeros(1, dtype=torch.uint8)}) == (200, 1)
+    assert all(torch.equal(target[k], adjacent[k]) for k in target)
+
+    exactly = {"a": torch.ones(475), "b": torch.zeros(25), "c": torch.full((25,), 2.0)}  # a 100-byte gap: 5% of 2,000
+    stored_bytes(url, "exactly.safetensors", safetensors.torch.save(exactly))
+    target = {"a": torch.zeros(475), "c": torch.zeros(25)}
+    assert data_read(f"{url}/exactly.safetensors", target, {"a": torch.zeros(475)}) == (2100, 1)
+    assert torch.equal(target["c"], exactly["c"])
+
+
+def whole(storage, name: str, start: int, end: int, **kwargs) -> tuple[bytes, LoadReport]:
+    """Read ``[start, end)`` of ``name`` through a Transfer; the bytes and its report."""
+    report, dest = LoadReport(), torch.zeros(end - start, dtype=torch.uint8)
+    max_buffer = kwargs.pop("max_buffer", 2**20)
+    Transfer(storage, name, max_buffer, report, **kwargs).run([(SourceTensor("x", torch.uint8, (end - start,), start, end), dest)])
+    return bytes(dest.numpy()), report
+
+
+def test_a_range_is_read_in_chunks_of_a_quarter_of_max_buffer_but_at_least_64_kib(store):
+    data = bytes(range(256)) * 4096  # 1 MiB, after a 16-byte "header"
+    storage = stored_bytes(store.url, "x.bin", b"h" * 16 + data, store.storage_options)
+    for max_buffer, requests in [(2**16, 16), (2**20, 4), (2**22, 1)]:
+        got = whole(storage, "x.bin", 16, 16 + len(data), max_buffer=max_buffer)
+        assert got == (data, LoadReport(bytes_read=len(data), requests=requests))
+    with pytest.raises(ConfigError) as err:
+        Transfer(storage, "x.bin", 2**16 - 1, LoadReport())
+    assert str(err.value) == "`max_buffer` must be at least 64 KiB, got 65535"
+    too_small = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(ValueError) as err:  # a caller's bug, named before anything is read
+        Transfer(storage, "x.bin", 2**16, LoadReport()).run([(SourceTensor("w", torch.uint8, (8,), 16, 24), too_small)])
+    assert str(err.value) == "w: destination of 4 bytes for [16, 24)"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd")
+def test_a_local_transfer_reads_the_descriptor_it_was_given_not_the_name(tmp_path):
+    """The file the caller checked, even once another file took its name; the caller's descriptor
+    is left open for the caller, and one the transfer opened itself is closed."""
+    storage = stored_bytes(str(tmp_path), "x.bin", b"checked!" * 100)
+    fd = os.open(tmp_path / "x.bin", os.O_RDONLY)
+    try:
+        (tmp_path / "x.bin").unlink()
+        (tmp_path / "x.bin").write_bytes(b"replaced" * 100)
+        assert whole(storage, "x.bin", 0, 800, fd=fd)[0] == b"checked!" * 100
+        os.fstat(fd)  # still open
+        before = len(os.listdir("/proc/self/fd"))
+        assert whole(storage, "x.bin", 0, 800)[0] == b"replaced" * 100
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
+
+
+def test_requests_are_fetched_in_batches_of_at_most_max_buffer_bytes(monkeypatch):
+    """The bytes in flight at once: whole batches of requests up to ``max_buffer``, never more."""
+    url = f"memory://batches-{uuid.uuid4().hex}"
+    data = bytes(range(256)) * 4096  # 1 MiB, after a 16-byte "header"
+    storage = stored_bytes(url, "x.bin", b"h" * 16 + data)
+    calls: list[list[int]] = []
+    read_ranges = FsspecStorage.read_ranges
+
+    def recorded(self, path, ranges):
+        calls.append([end - start for start, end in ranges])
+        return read_ranges(self, path, ranges)
+
+    monkeypatch.setattr(FsspecStorage, "read_ranges", recorded)
+    assert whole(storage, "x.bin", 16, 16 + len(data), max_buffer=2**18)[0] == data  # 64 KiB chunks, 4 a batch
+    assert calls == [[2**16] * 4] * 4
+    calls.clear()
+    dests = [torch.zeros(1024, dtype=torch.uint8) for _ in range(400)]  # 400 adjacent 1 KiB tensors
+    jobs = [(SourceTensor(f"t{i}", torch.uint8, (1024,), 16 + 1024 * i, 16 + 1024 * (i + 1)), d) for i, d in enumerate(dests)]
+    Transfer(storage, "x.bin", 2**18, LoadReport()).run(jobs)
+    assert b"".join(bytes(d.numpy()) for d in dests) == data[: 400 * 1024]
+    assert calls == [[2**16] * 4, [2**16, 2**16, 16 * 1024]]  # coalesced 64 at a time, 4 requests a batch
+

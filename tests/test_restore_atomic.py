@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -234,8 +235,23 @@ def test_a_torch_member_not_where_planned_changes_nothing(store):
         f.write(dataclasses.replace(info, files=(entry,)).to_json())
     live = trained(seed=2, steps=1)
     before = fingerprint(live)
-    with pytest.raises(CorruptCheckpointError, match=r"not laid out as torch\.save writes it"):
+    # the checkpoint's URL on every store (a remote one is restored from a checked local copy, never named)
+    where = re.escape(storage.url(path))
+    with pytest.raises(CorruptCheckpointError) as err:
         mgr.restore(live, which=1)
+    assert re.fullmatch(f"{where}: the zip member at {header_at} is not laid out as torch\\.save writes it; "
+                        "load it with ckptstore\\.load instead", str(err.value)), str(err.value)
+    assert_unchanged(live, before)
+    data[header_at] ^= 0xFF  # no local header at all where the directory points
+    with storage.open_write(path) as f:
+        f.write(bytes(data))
+    entry = dataclasses.replace(info.files[0], crc32c=crc32c.crc32c(bytes(data)))
+    storage.delete(f"{info.name}/{MANIFEST_NAME}")
+    with storage.open_write(f"{info.name}/{MANIFEST_NAME}") as f:
+        f.write(dataclasses.replace(info, files=(entry,)).to_json())
+    with pytest.raises(CorruptCheckpointError) as err:
+        mgr.restore(live, which=1)
+    assert re.fullmatch(f"{where}: bad zip local header at {header_at}", str(err.value)), str(err.value)
     assert_unchanged(live, before)
 
 
@@ -281,7 +297,8 @@ def prune_at_first_read(monkeypatch, data_file: str, prune: Callable[[], Any]) -
         return wrapper
 
     monkeypatch.setattr(FsspecStorage, "read", wrap(FsspecStorage.read))  # local disks: the header, first
-    monkeypatch.setattr(FsspecStorage, "open_read", wrap(FsspecStorage.open_read))  # others: the download
+    monkeypatch.setattr(FsspecStorage, "open_read", wrap(FsspecStorage.open_read))
+    monkeypatch.setattr(FsspecStorage, "open_stream", wrap(FsspecStorage.open_stream))  # others: the download
     return fired
 
 

@@ -341,3 +341,15 @@ def test_a_transposed_shape_is_a_mismatch_though_the_element_count_agrees(store,
     with pytest.raises(StateMismatchError, match=r"\['w'\] has shape \(6, 4\), the checkpoint's 'w' \(4, 6\)"):
         mgr.restore({"w": live})
     assert not live.any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_lazy_conjugate_is_filled_through_its_view_not_under_it(store, fmt):
+    """A conjugate view's memory holds the conjugate of what it reads as: the saved bytes cannot
+    land there as they are, they are copied through the view."""
+    saved = torch.tensor([1 + 2j, 3 - 4j])
+    mgr = manager(store, fmt)
+    mgr.save({"c": saved}, step=0)
+    live = torch.zeros(2, dtype=torch.complex64).conj()
+    mgr.restore({"c": live})
+    assert live.is_conj() and torch.equal(live.resolve_conj(), saved)

@@ -155,6 +155,16 @@ def test_safetensors_bytes_are_the_stock_librarys():
     )
     assert out.getvalue() == golden
     assert golden == safetensors.torch.save(weights, metadata={"format": "pt"})
+    out = io.BytesIO()  # a state tree: its skeleton as compact JSON beside "format": "pt" (what transformers checks)
+    writer = ChecksumWriter(out)
+    get_format("safetensors").write(treelib.canonicalize({"w": weights["w"], "n": 1}), writer)
+    assert out.getvalue() == (
+        b"\xa8\x00\x00\x00\x00\x00\x00\x00"
+        b'{"__metadata__":{"format":"pt","ckptstore.tree":"{\\"w\\":{\\"__tensor__\\":\\"w\\",\\"device\\":\\"cpu\\"},\\"n\\":1}"},'
+        b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}      '
+        b"\x00\x00\x80?\x00\x00\x00@"
+    )
+    assert writer._staging is None  # CPU tensors are written from their own memory, never staged
     _, skeleton = treelib.flatten({"w": weights["w"], "n": 1})
     assert skeleton == {"w": {"__tensor__": "w", "device": "cpu"}, "n": 1}
 
