@@ -427,8 +427,9 @@ class _Connection:
             self._delay()
             self.proxy._count("answered")
             self._finish()
+            body = b"" if method == "HEAD" else error  # a reply to HEAD has headers only: a body would be garbage after it
             self._send(self.client, f"HTTP/1.1 {rule.status} {reason}\r\nContent-Type: application/xml\r\n"
-                                    f"Content-Length: {len(error)}\r\nConnection: close\r\n\r\n".encode() + error)
+                                    f"Content-Length: {len(error)}\r\nConnection: close\r\n\r\n".encode() + body)
             return False
         status_line, resp_raw, resp_headers, up_reader = self._forward(
             b"".join([start.encode("latin-1"), b"\r\n", *raw_headers, b"\r\n", body])

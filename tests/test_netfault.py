@@ -8,6 +8,7 @@ so they hold on a loaded machine.
 from __future__ import annotations
 
 import http.client
+import socket
 import time
 import uuid
 from typing import Any
@@ -55,6 +56,19 @@ def test_every_injectable_status_carries_its_s3_error_code(s3_endpoint, bucket, 
     with FaultProxy(s3_endpoint, [Rule(Action.STATUS, status=status)]) as proxy:
         got, body = request(proxy.url, "GET", f"{bucket}/k")
     assert got == status and b"<Code>" + code + b"</Code>" in body
+
+
+def test_a_status_injected_for_a_head_has_no_body(s3_endpoint, bucket):
+    """A reply to HEAD is headers only; bytes after it are garbage to the client ("Data after
+    Connection: close"), which turned retryable 5xx into parse errors in the long storm."""
+    with FaultProxy(s3_endpoint, [Rule(Action.STATUS, status=503)]) as proxy:
+        host, port = urlsplit(proxy.url).hostname, urlsplit(proxy.url).port
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"HEAD {bucket}/k HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 503 ") and reply.endswith(b"\r\n\r\n"), reply
 
 
 def test_latency_is_added_each_way(s3_endpoint, bucket):
