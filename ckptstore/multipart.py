@@ -8,13 +8,15 @@ own event loop and through its ``_call_s3`` (so botocore's retries re-send a fai
 the caller's ``s3_additional_kwargs``, such as server-side encryption, apply to every call).
 
 Memory: the part being filled plus the parts in flight, ``(in_flight + 1) × part_bytes``; a
-write blocks while that many are held. Nothing is visible until :meth:`commit` (one PUT for a
-file smaller than a part; else the remaining parts, then CompleteMultipartUpload);
-:meth:`discard` aborts the upload, so no parts are left billed.
+write blocks while that many are held. A part whose body moves slower than ``stalled_below``
+bytes/s (a server that stopped reading) is cut and re-sent, so no part can hang a save.
+Nothing is visible until :meth:`commit` (one PUT for a file smaller than a part; else the
+remaining parts, then CompleteMultipartUpload); :meth:`discard` aborts the upload, so no
+parts are left billed.
 
 Example (it needs a live S3 endpoint: tests/test_transfers.py runs it against moto)::
 
-    upload = ConcurrentUpload(fs, "bucket/key", part_bytes=8 << 20, in_flight=4)
+    upload = ConcurrentUpload(fs, "bucket/key", part_bytes=8 << 20, in_flight=4, stalled_below=256 << 10)
     upload.write(data)
     upload.commit()
 """
@@ -28,13 +30,15 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
+STALLED_TRIES = 3  # tries of a part whose body stalls before the upload fails
 
 
 class ConcurrentUpload:
     """A write-only file object for one S3 object; parts upload concurrently (see the module)."""
 
-    def __init__(self, fs: Any, path: str, *, part_bytes: int, in_flight: int) -> None:
+    def __init__(self, fs: Any, path: str, *, part_bytes: int, in_flight: int, stalled_below: int) -> None:
         self.fs = fs
+        self.stalled_below = stalled_below
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_bytes, self.in_flight = part_bytes, in_flight
         self._buffer = bytearray()
@@ -69,7 +73,9 @@ class ConcurrentUpload:
     def commit(self) -> None:
         """Upload what is left and make the object visible, whole."""
         if self._upload_id is None:
-            self._call("put_object", Body=bytes(self._buffer))
+            body = bytes(self._buffer)
+            future = asyncio.run_coroutine_threadsafe(self._bounded("put_object", "the upload", Body=body), self.fs.loop)
+            future.result()
         else:
             if self._buffer:
                 self._send_part()
@@ -104,9 +110,28 @@ class ConcurrentUpload:
         self._pending.append(asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop))
 
     async def _part(self, number: int, body: bytes) -> dict[str, Any]:
-        reply = await self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                                       PartNumber=number, Body=body)
+        reply = await self._bounded("upload_part", f"part {number}", UploadId=self._upload_id, PartNumber=number, Body=body)
         return {"PartNumber": number, "ETag": reply["ETag"]}
+
+    async def _bounded(self, method: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        """One upload call whose body must move at ``stalled_below`` bytes/s or better.
+
+        A server that stops reading mid-body stalls the sender with no timeout at all (the
+        client's read timeout starts once the body is sent), so each try gets ``read_timeout +
+        len(body) / stalled_below`` seconds; a try past it is cut and the body re-sent, up to
+        ``STALLED_TRIES`` times, then the upload fails with TimeoutError.
+        """
+        body = kwargs["Body"]
+        deadline = float(self.fs.config_kwargs.get("read_timeout", self.fs.read_timeout)) + len(body) / self.stalled_below
+        for attempt in range(1, STALLED_TRIES + 1):
+            try:
+                call = self.fs._call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+                return dict(await asyncio.wait_for(call, deadline))
+            except asyncio.TimeoutError:
+                log.warning("%s of s3://%s/%s moved slower than %d bytes/s for %.0f s (try %d of %d)", what, self.bucket,
+                            self.key, self.stalled_below, deadline, attempt, STALLED_TRIES)
+        raise TimeoutError(f"{what} stalled: {STALLED_TRIES} tries of {deadline:.0f} s each sent {len(body)} bytes "
+                           f"slower than {self.stalled_below} bytes/s")
 
     def _drain(self, keep: int) -> None:
         """Wait until at most ``keep`` parts are in flight (the oldest first); a failed part raises."""

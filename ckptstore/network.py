@@ -61,6 +61,9 @@ class Transfers:
     uploading: 40 MiB by default), a read ``in_flight × part_bytes``. More in flight helps on a
     link with latency and a per-connection cap; on loopback it changes little. GCS uploads go
     one chunk after another whatever ``in_flight`` says (a resumable upload is sequential).
+    ``stalled_below``: an S3 part (or single PUT) whose body moves slower than this many bytes
+    per second is cut and re-sent (3 tries): a server that stops reading mid-upload would
+    otherwise hold the save with no timeout at all.
 
     Example:
         >>> Transfers(part_bytes=16 << 20, in_flight=8).part_bytes
@@ -69,6 +72,7 @@ class Transfers:
 
     part_bytes: int = 8 * 2**20
     in_flight: int = 4
+    stalled_below: int = 256 * 2**10  # bytes/s: an S3 part upload slower than this is cut and re-sent
 
     def __post_init__(self) -> None:
         if type(self.part_bytes) is not int or self.part_bytes < MIN_PART_BYTES:
@@ -76,6 +80,8 @@ class Transfers:
                               f"got {self.part_bytes!r}")
         if type(self.in_flight) is not int or self.in_flight < 1:
             raise ConfigError(f"`in_flight` must be an int of at least 1, got {self.in_flight!r}")
+        if type(self.stalled_below) is not int or self.stalled_below < 1:
+            raise ConfigError(f"`stalled_below` must be an int of at least 1 (bytes/s), got {self.stalled_below!r}")
 
 
 def with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -381,7 +381,8 @@ class FsspecStorage:
             part = max(self.transfers.part_bytes, -(-size_hint // MAX_PARTS))
             upload: Any  # fsspec's AbstractBufferedFile or a ConcurrentUpload: both close, commit and discard
             if hasattr(self.fs, "call_s3"):  # s3fs: parts upload concurrently
-                upload = ConcurrentUpload(self.fs, full, part_bytes=part, in_flight=self.transfers.in_flight)
+                upload = ConcurrentUpload(self.fs, full, part_bytes=part, in_flight=self.transfers.in_flight,
+                                          stalled_below=self.transfers.stalled_below)
             else:
                 upload = self.fs.open(full, "wb", autocommit=False, block_size=part)
             try:

@@ -27,7 +27,10 @@ What it can do:
   - ``CUT_REPLY``: forward it, relay the first ``Rule.reply_bytes`` bytes of the reply (head
     included), then reset: a connection dropped mid-download;
   - ``CUT_REQUEST``: forward the head and the first ``Rule.request_bytes`` bytes of the body,
-    then reset both sides: a connection dropped mid-upload (the server gets a truncated request).
+    then reset both sides: a connection dropped mid-upload (the server gets a truncated request);
+  - ``STALL_REQUEST``: read the head and ``Rule.request_bytes`` bytes of the body, then stop
+    reading for ``Rule.stall_seconds`` (or until the proxy stops), then reset: a server that
+    stops reading mid-upload, so the client's send blocks once the socket buffers are full.
 
   A rule can be limited to firing ``times`` times (the first matches), and/or fire with a
   seeded ``probability``; ``Rule.matched`` and ``Rule.fired`` count what it saw and did.
@@ -83,6 +86,7 @@ class Action(enum.Enum):
     DROP_REPLY = "drop_reply"
     REFUSE = "refuse"
     STATUS = "status"
+    STALL_REQUEST = "stall_request"
     STALL = "stall"
     CUT_REPLY = "cut_reply"
     CUT_REQUEST = "cut_request"
@@ -406,6 +410,13 @@ class _Connection:
             with contextlib.suppress(OSError):
                 upstream.sendall(b"".join([start.encode("latin-1"), b"\r\n", *raw_headers, b"\r\n", partial]))
             _reset(upstream)
+            _reset(self.client)
+            return False
+        if action is Action.STALL_REQUEST:  # take part of the body, then stop reading: the sender's buffers fill
+            assert rule is not None
+            reader.exactly(min(rule.request_bytes, int(headers.get("content-length", "0"))))
+            self.proxy._count("stalled")
+            self.proxy._stopping.wait(rule.stall_seconds)
             _reset(self.client)
             return False
         if headers.get("expect", "").lower() == "100-continue":

@@ -8,6 +8,8 @@ them. Speed is measured in benchmarks/bench_link.py, not here.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -126,3 +128,27 @@ def test_a_lost_chunk_reply_fails_a_gcs_save_loudly_and_harms_nothing(remote_sto
 def test_transfers_refuse_what_s3_or_sense_cannot_take(bad):
     with pytest.raises(ConfigError, match="must be an int of at least"):
         Transfers(**bad)
+
+
+def test_a_server_that_stops_reading_mid_part_gets_the_part_again_not_a_hung_save(remote_store, caplog):
+    """The proxy takes 1 MiB of part 1's body, then stops reading: the client's send blocks
+    with no timeout of its own (its read timeout starts after the body). ckptstore cuts the try
+    after read_timeout + size / stalled_below seconds and sends the part again."""
+    if remote_store.kind != "s3":
+        pytest.skip("GCS uploads are gcsfs's own (see the README: a mid-upload stall there is not bounded)")
+    part = 32 * 2**20  # far more than the socket buffers hold, so the sender really blocks
+    stall = Rule(Action.STALL_REQUEST, method="PUT", target=r"[?&]partNumber=1(&|$)", request_bytes=2**20,
+                 stall_seconds=120, times=1)
+    with FaultProxy(upstream_of(remote_store), [stall], timeout=130.0) as proxy:
+        options = {**through(remote_store, proxy), "config_kwargs": {"read_timeout": 1}}
+        mgr = CheckpointManager(remote_store.url, storage_options=options,
+                                transfers=Transfers(part_bytes=part, in_flight=1, stalled_below=16 * 2**20))
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            mgr.save({"model": {"w": torch.ones(10 * 2**20)}}, step=1)  # 40 MiB: two parts
+        took = time.monotonic() - began
+    assert stall.fired == 1
+    assert 3 <= took < 60, f"{took:.1f} s"  # the try is cut at 1 + 32/16 = 3 s; the proxy would hold it 120 s
+    assert any("part 1 of s3://" in r.getMessage() and "slower than 16777216 bytes/s" in r.getMessage() for r in caplog.records)
+    direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options)
+    assert direct.verify() == {"step_00000001": None}
