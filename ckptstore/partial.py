@@ -40,6 +40,7 @@ from .manifest import MANIFEST_NAME, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
 from .sniff import file_format
+from .rangefile import TAIL_BYTES, RangeFile
 from .storage import FsspecStorage, open_parent, open_storage
 from .rebuilt import RebuiltSource, storage_region
 from .torch_zip import RebuiltRef, TensorRef, read_plan
@@ -311,7 +312,7 @@ def plan(
     if kind == "torch-legacy":
         raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
     if kind == "torch":
-        return _plan_torch(storage, name, where, counter, trusted=not weights_only)
+        return _plan_torch(storage, name, size, head, where, counter, trusted=not weights_only)
     length = header_length(head[:8], size, where)
     raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, counter)
     header = parse_header(raw, size, where)
@@ -327,12 +328,16 @@ def plan(
     return Plan(sources, metadata, lambda load: unflatten(skeleton, load))
 
 
-def _plan_torch(storage: FsspecStorage, name: str, where: str, counter: ReadCounter, trusted: bool) -> Plan:
-    with storage.open_read(name, exact=True) as f:
-        counted = _CountingFile(f)
-        refs, header_offsets, obj = read_plan(counted, where, trusted)  # type: ignore[arg-type]
-    counter.bytes_read += counted.bytes_read
-    counter.requests += counted.reads
+def _plan_torch(storage: FsspecStorage, name: str, size: int, head: bytes, where: str, counter: ReadCounter,
+                trusted: bool) -> Plan:
+    """zipfile reads the directory at the end, then data.pkl near the start: served from ``head``
+    and, on remote stores, one read of the tail (:class:`~ckptstore.rangefile.RangeFile`), not a
+    request each."""
+    remote = storage.local_path(name) is None  # a local read costs no round trip: read exactly what zipfile asks
+    f = RangeFile(storage, name, size, head=head, tail_bytes=TAIL_BYTES if remote else 0)
+    refs, header_offsets, obj = read_plan(f, where, trusted)  # type: ignore[arg-type]
+    counter.bytes_read += f.bytes_read
+    counter.requests += f.requests
     sources, composed = {}, {}
     canonical: dict[TensorRef | RebuiltRef, str] = {}  # torch.save keeps tied tensors as one storage: read them once
     for k, r in refs.items():
@@ -409,22 +414,6 @@ def _read(storage: FsspecStorage, name: str, start: int, end: int, counter: Read
     counter.bytes_read += len(data)
     counter.requests += 1
     return data
-
-
-class _CountingFile:
-    """Wraps a file object to count the bytes and reads that zipfile makes."""
-
-    def __init__(self, f: Any) -> None:
-        self.f, self.bytes_read, self.reads = f, 0, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.bytes_read += len(data)
-        self.reads += 1
-        return bytes(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.f, name)
 
 
 # -- landing ------------------------------------------------------------------------------

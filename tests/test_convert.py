@@ -145,7 +145,9 @@ def test_small_tensors_cost_no_request_each(store, monkeypatch):
 
     monkeypatch.setattr(FsspecStorage, "read", counted)  # counts, and still reads for real
     convert(src, store.join("many.safetensors"), storage_options=store.storage_options)
-    assert len(reads) <= 6, reads  # the format sniff, the planner's head read, and the data blocks
+    # the format sniff, the planner's head read, the zip directory (one tail read on remote stores, zipfile's
+    # few exact reads on a local disk, where a read costs no round trip) and the data blocks
+    assert len(reads) <= (10 if store.kind in ("local", "file") else 6), reads
     got = ckptstore.load(store.join("many.safetensors"), storage_options=store.storage_options)
     assert all(torch.equal(got[k], v) for k, v in state.items())
 
@@ -167,7 +169,9 @@ def test_every_source_byte_is_fetched_once(tmp_path, monkeypatch):
     monkeypatch.setattr(FsspecStorage, "read", counted)
     convert(tmp_path / "a.pt", tmp_path / "a.safetensors")
     size = (tmp_path / "a.pt").stat().st_size
-    assert size <= sum(fetched) <= size + 2**16 + 16  # the planner's head read and the format sniff (16 bytes) on top
+    # on top: the planner's head read, the format sniff (16 bytes), zipfile's reads of the end record,
+    # the directory and data.pkl's header (a few KiB here)
+    assert size <= sum(fetched) <= size + 2**16 + 16 + 2**14
 
 
 @pytest.mark.parametrize("name", ["junk.pt", "junk.safetensors"])

@@ -237,9 +237,12 @@ def test_only_the_needed_ranges_are_read_from_a_large_file(store, kind):
     report = load_partial(url, target, storage_options=store.storage_options)
     needed = 2 * 2**18
     assert report.loaded == ["layer02", "layer12"]
-    assert needed <= report.bytes_read <= needed + 96 * 2**10, report.bytes_read
-    # safetensors: the head, then one range per tensor; torch adds zipfile's reads of the directory and data.pkl
-    assert report.requests <= (3 if kind == "safetensors" else 16), report.requests
+    # torch on a remote store also reads the file's last 64 KiB at once (the zip directory: one request, not a dozen)
+    tail = 64 * 2**10 if kind == "torch" and store.kind not in ("local", "file") else 0
+    assert needed <= report.bytes_read <= needed + 96 * 2**10 + tail, report.bytes_read
+    # safetensors: the head, then one range per tensor; torch: the head, the tail (remote) or zipfile's few
+    # exact reads (local), then one range per tensor with its local header
+    assert report.requests <= (3 if kind == "safetensors" else 4 if tail else 12), report.requests
     assert torch.equal(target["layer02"], source["layer02"]) and torch.equal(target["layer12"], source["layer12"])
 
 
