@@ -45,12 +45,8 @@ class ConcurrentUpload:
         self._upload_id: str | None = None
         self._pending: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
         self._parts: list[dict[str, Any]] = []
-        self.closed = False
 
     # -- the file-object side -------------------------------------------------------------
-    def writable(self) -> bool:
-        return True
-
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         written = len(view)
@@ -83,7 +79,6 @@ class ConcurrentUpload:
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
             self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": parts})
         self._buffer = bytearray()
-        self.closed = True
 
     def discard(self) -> None:
         """Abandon the upload: wait for the parts in flight, then abort it (its parts are freed)."""
@@ -92,7 +87,6 @@ class ConcurrentUpload:
             future.cancel()
         concurrent.futures.wait(self._pending)
         self._pending.clear()
-        self.closed = True
         if self._upload_id is not None:
             try:
                 self._call("abort_multipart_upload", UploadId=self._upload_id)

@@ -6,13 +6,13 @@ connection's speed. :class:`PrefetchReader` asks for the next ``in_flight`` chun
 ``chunk_bytes`` at once (on the filesystem's own event loop, through its ``_cat_file``, so the
 client's retries apply to each range) and hands them out in order.
 
-Memory: at most ``in_flight`` chunks, ``in_flight × chunk_bytes``. Reads must be sequential
-(the serializers' streams are): there is no seek.
+Memory: at most ``in_flight`` chunks, ``in_flight × chunk_bytes``. Reads are sequential
+``readinto`` calls (the serializers' checksum streams make nothing else): there is no seek.
 
 Example::
 
     with PrefetchReader(fs, "bucket/ckpt/state.safetensors", size, chunk_bytes=8 << 20, in_flight=4) as f:
-        head = f.read(8)
+        f.readinto(buffer)
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class PrefetchReader:
         self._next_start = 0  # of the next chunk to ask for
         self._pending: collections.deque[tuple[int, int, concurrent.futures.Future[bytes]]] = collections.deque()
         self._current = memoryview(b"")
-        self._position = 0
 
     def __enter__(self) -> PrefetchReader:
         return self
@@ -48,16 +47,6 @@ class PrefetchReader:
         self._pending.clear()
         self._current = memoryview(b"")
 
-    def tell(self) -> int:
-        return self._position
-
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all that is left if ``n < 0``); fewer only at the end of the file."""
-        want = self.size - self._position if n < 0 else min(n, self.size - self._position)
-        out = bytearray(want)
-        got = self.readinto(out)
-        return bytes(out[:got])
-
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` from the stream; returns the bytes written (less only at the end)."""
         view = memoryview(buffer).cast("B")
@@ -69,7 +58,6 @@ class PrefetchReader:
             view[filled : filled + take] = self._current[:take]
             self._current = self._current[take:]
             filled += take
-        self._position += filled
         return filled
 
     def _advance(self) -> bool:

@@ -152,3 +152,24 @@ def test_a_server_that_stops_reading_mid_part_gets_the_part_again_not_a_hung_sav
     assert any("part 1 of s3://" in r.getMessage() and "slower than 16777216 bytes/s" in r.getMessage() for r in caplog.records)
     direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options)
     assert direct.verify() == {"step_00000001": None}
+
+
+def test_an_abort_that_fails_leaves_the_save_s_own_error_and_a_warning(remote_store, slow_link, caplog):
+    """Part 3 is refused for good and the abort is refused too: the save raises the part's error
+    (not the abort's), the warning names the upload left behind, and a later save clears it."""
+    if remote_store.kind != "s3":
+        pytest.skip("only S3 uploads parts concurrently")
+    slow_link.add(Rule(Action.STATUS, method="PUT", target=r"[?&]partNumber=3(&|$)", status=403))
+    abort = slow_link.add(Rule(Action.STATUS, method="DELETE", target=r"[?&]uploadId=", status=500))
+    mgr = manager(remote_store, slow_link, 3)
+    with caplog.at_level(logging.WARNING, logger="ckptstore"), pytest.raises(StorageError, match="access denied"):
+        mgr.save(big_state(1), step=1)
+    assert abort.fired >= 1
+    key = f"{remote_store.url.removeprefix('s3://')}/step_00000001/state-"
+    assert any(r.getMessage().startswith(f"could not abort the upload of s3://{key}") and
+               r.getMessage().endswith("the next save's cleanup will") for r in caplog.records), caplog.text
+    slow_link.clear()
+    direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options, abandoned_after=0)
+    assert len(direct.incomplete_uploads()) == 1
+    direct.save(big_state(2), step=2)
+    assert direct.incomplete_uploads() == [] and [c.step for c in direct.checkpoints()] == [2]
