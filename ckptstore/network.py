@@ -20,7 +20,7 @@ gave in ``storage_options`` wins. :func:`tune` sets what s3fs only takes as an a
   gets an error status other than SlowDown).
 * **GCS** (gcsfs retries each request 6 times on 408/429/5xx and connection errors, waiting
   ``2^(n-1) + rand(0, 1)`` s, fixed in gcsfs): ``requests_timeout=aiohttp.ClientTimeout(
-  sock_connect=5, sock_read=15)``.
+  sock_connect=5, sock_read=15, total=271)`` (the total: see :func:`with_defaults`).
 
 Permanent failures (403, 404, a missing bucket, bad credentials) are not retried by either
 library and fail at once. A read timeout counts from the end of the request: an upload of a
@@ -47,6 +47,9 @@ READ_TIMEOUT_S = 15.0  # no byte of a reply for this long: the connection has st
 S3_BOTOCORE_ATTEMPTS = 4
 S3_S3FS_ROUNDS = 2
 GCSFS_ATTEMPTS = 6  # gcsfs's own, not configurable per filesystem
+# the largest single GCS request ckptstore makes: an upload chunk or a prefetched range is a part
+# (8 MiB by default), a partial or in-place load's range at most max_buffer / 4 (64 MiB by default)
+LARGEST_GCS_REQUEST = 64 * 2**20
 MIN_PART_BYTES = 5 * 2**20  # S3's smallest part (all but the last)
 _S3 = frozenset({"s3", "s3a"})
 _GCS = frozenset({"gs", "gcs"})
@@ -84,8 +87,14 @@ class Transfers:
             raise ConfigError(f"`stalled_below` must be an int of at least 1 (bytes/s), got {self.stalled_below!r}")
 
 
-def with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with ckptstore's timeouts and retry counts added where the caller set none."""
+def with_defaults(protocol: str, options: dict[str, Any], transfers: Transfers | None = None) -> dict[str, Any]:
+    """``options`` with ckptstore's timeouts and retry counts added where the caller set none.
+
+    On GCS each request also gets a total of ``READ_TIMEOUT_S + LARGEST_GCS_REQUEST /
+    transfers.stalled_below`` seconds (271 s by default): aiohttp's read timeout starts once a
+    body is sent, so without it a server that stops reading mid-chunk would hold an upload
+    forever (S3 parts get their own, tighter bound in :mod:`ckptstore.multipart`).
+    """
     if protocol in _S3:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
@@ -95,7 +104,8 @@ def with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
     if protocol in _GCS and options.get("requests_timeout") is None:
         import aiohttp  # gcsfs's own HTTP client
 
-        timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        total = READ_TIMEOUT_S + LARGEST_GCS_REQUEST / (transfers or Transfers()).stalled_below
+        timeout = aiohttp.ClientTimeout(total=total, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
         return {**options, "requests_timeout": timeout}
     return options
 

@@ -101,7 +101,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         raise InvalidNameError(f"{url!r} has one slash after {scheme + ':'!r}; did you mean {scheme}://{rest}?")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     no_cache = {"use_listings_cache": False} if protocol in _CACHES_LISTINGS else {}
-    options = network.with_defaults(protocol, {**(storage_options or {}), **no_cache})
+    options = network.with_defaults(protocol, {**(storage_options or {}), **no_cache}, transfers)
     try:
         fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:

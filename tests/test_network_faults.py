@@ -83,7 +83,7 @@ def test_the_defaults_bound_every_request_and_the_callers_options_win(remote_sto
         config = CheckpointManager(remote_store.url, storage_options=mine).storage.fs.config_kwargs
         assert (config["connect_timeout"], config["read_timeout"], config["retries"]) == (5, 60, {"mode": "standard"})
     else:
-        assert fs.requests_timeout == aiohttp.ClientTimeout(sock_connect=5.0, sock_read=15.0)
+        assert fs.requests_timeout == aiohttp.ClientTimeout(total=15.0 + 256.0, sock_connect=5.0, sock_read=15.0)
         mine = {**remote_store.storage_options, "requests_timeout": 120}
         assert CheckpointManager(remote_store.url, storage_options=mine).storage.fs.requests_timeout == 120
     assert remote_store.storage_options.get("config_kwargs") is None  # the caller's dict is not changed

@@ -173,3 +173,25 @@ def test_an_abort_that_fails_leaves_the_save_s_own_error_and_a_warning(remote_st
     assert len(direct.incomplete_uploads()) == 1
     direct.save(big_state(2), step=2)
     assert direct.incomplete_uploads() == [] and [c.step for c in direct.checkpoints()] == [2]
+
+
+def test_a_gcs_server_that_stops_reading_mid_chunk_fails_the_save_within_the_bound(remote_store):
+    """gcsfs's chunk upload has no timeout of its own once the body is being sent; ckptstore's
+    total per request (15 s + 64 MiB / stalled_below) cuts the blocked try. gcsfs does not retry
+    a timed-out chunk (it retries HTTP errors and connection errors only), so the save fails,
+    loudly and within the bound, and commits nothing. S3 re-sends the part instead (the test above)."""
+    if remote_store.kind != "gcs":
+        pytest.skip("S3 parts have their own bound (the test above)")
+    part = 32 * 2**20  # far more than the socket buffers hold, so the sender really blocks
+    stall = Rule(Action.STALL_REQUEST, target=r"upload_id=", request_bytes=2**20, stall_seconds=120, times=1)
+    with FaultProxy(upstream_of(remote_store), [stall], timeout=130.0) as proxy:
+        transfers = Transfers(part_bytes=part, in_flight=1, stalled_below=64 * 2**20)  # a 16 s total per request
+        mgr = CheckpointManager(remote_store.url, storage_options=through(remote_store, proxy), transfers=transfers)
+        began = time.monotonic()
+        # the message is the emulator's: after the cut try it answers gcsfs's next call with 501
+        with pytest.raises(StorageError, match=r"cannot write .*step_00000001/state-"):
+            mgr.save({"model": {"w": torch.ones(10 * 2**20)}}, step=1)  # 40 MiB: two chunks
+        took = time.monotonic() - began
+    assert stall.fired == 1
+    assert 16 <= took < 110, f"{took:.1f} s"  # cut at 16 s (then gcsfs backs off on the 501s); the proxy would hold it 120 s
+    assert CheckpointManager(remote_store.url, storage_options=remote_store.storage_options).checkpoints() == []
