@@ -31,8 +31,11 @@ Example:
     {'total_max_attempts': 4}
     >>> with_defaults("s3", {"config_kwargs": {"read_timeout": 60}})["config_kwargs"]["read_timeout"]
     60
-    >>> round(request_bound_s("s3")), round(request_bound_s("gs"))
-    (134, 126)
+    >>> round(request_bound_s("s3"), 2), request_bound_s("gs")
+    (134.27, 126.0)
+    >>> request_bound_s("file")
+    Traceback (most recent call last):
+    ValueError: no network bound for protocol 'file'
 """
 
 from __future__ import annotations
