@@ -112,6 +112,7 @@ def test_parts_ride_out_transient_faults(remote_store, slow_link):
     assert direct.incomplete_uploads() == []
 
 
+@pytest.mark.long  # gcsfs's fixed backoffs make it ~40 s: make test-long
 def test_a_lost_chunk_reply_fails_a_gcs_save_loudly_and_harms_nothing(remote_store, slow_link):
     """The emulator's side of the limit above: the save raises, nothing is committed."""
     if remote_store.kind != "gcs":
@@ -175,6 +176,7 @@ def test_an_abort_that_fails_leaves_the_save_s_own_error_and_a_warning(remote_st
     assert direct.incomplete_uploads() == [] and [c.step for c in direct.checkpoints()] == [2]
 
 
+@pytest.mark.long  # a 16 s cut, then gcsfs's backoffs on the emulator's 501s: ~50 s, make test-long
 def test_a_gcs_server_that_stops_reading_mid_chunk_fails_the_save_within_the_bound(remote_store):
     """gcsfs's chunk upload has no timeout of its own once the body is being sent; ckptstore's
     total per request (15 s + 64 MiB / stalled_below) cuts the blocked try. gcsfs does not retry
