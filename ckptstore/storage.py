@@ -245,7 +245,7 @@ class FsspecStorage:
         flight ahead of the reader (:class:`~ckptstore.prefetch.PrefetchReader`); elsewhere it
         is the store's own file object. A file shorter than ``size`` ends early.
         """
-        if not isinstance(self.fs, AsyncFileSystem) or self.is_local:
+        if not isinstance(self.fs, AsyncFileSystem):  # local disks and memory:// are not
             with self.open_read(path) as f:
                 yield f
             return

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import ckptstore
 from ckptstore import CkptStoreError, CorruptCheckpointError, UnsafeCheckpointError
 from ckptstore.storage import open_storage
+from test_foreign_files import put
 
 
 def load_bytes(data: bytes, name: str = "f.safetensors", **kwargs):
@@ -139,14 +140,6 @@ def test_broken_torch_files(data, match):
         load_bytes(data, "model.pt")
 
 
-def stored(store, name: str, data: bytes) -> str:
-    storage = open_storage(store.url, store.storage_options)
-    storage.makedirs()
-    with storage.open_write(name) as f:
-        f.write(data)
-    return storage.url(name)
-
-
 def load_error(store, url: str, **kwargs) -> str:
     with pytest.raises(CkptStoreError) as err:
         ckptstore.load(url, storage_options=store.storage_options, **kwargs)
@@ -162,7 +155,7 @@ def test_broken_safetensors_files_are_named_with_what_is_wrong(store):
                                                              "property name enclosed in double quotes: line 1 column 2 (char 1))"),
     }
     for name, (data, message) in cases.items():
-        url = stored(store, name, data)
+        url = put(store, name, data)
         assert load_error(store, url) == "CorruptCheckpointError: " + message.format(url=url)
 
 
@@ -182,13 +175,13 @@ def test_torch_files_that_cannot_be_unpickled_say_whether_trusting_them_would_he
     never advice to pass what the caller passed already."""
     buf = io.BytesIO()
     torch.save({"w": torch.ones(1), "evil": Evil()}, buf)
-    url = stored(store, "evil.pt", buf.getvalue())
+    url = put(store, "evil.pt", buf.getvalue())
     assert load_error(store, url) == (
         f"UnsafeCheckpointError: {url} holds pickled objects beyond tensors and plain containers; loading them runs "
         "arbitrary code. If you trust this file, pass weights_only=False")
     buf = io.BytesIO()
     torch.save({"obj": FailsToUnpickle()}, buf)
-    url = stored(store, "fails.pt", buf.getvalue())
+    url = put(store, "fails.pt", buf.getvalue())
     assert load_error(store, url, weights_only=False) == (
         f"CorruptCheckpointError: {url} is not a readable torch file: this object has no weights_only form")
     buf = io.BytesIO()
@@ -196,6 +189,6 @@ def test_torch_files_that_cannot_be_unpickled_say_whether_trusting_them_would_he
         z.writestr("archive/data.pkl", b"\x80\x02garbage")
         z.writestr("archive/version", "3\n")
         z.writestr("archive/byteorder", "little")
-    url = stored(store, "garbage.pt", buf.getvalue())
+    url = put(store, "garbage.pt", buf.getvalue())
     assert load_error(store, url, weights_only=False) == (
         f"CorruptCheckpointError: {url} is not a readable torch file: pickle data was truncated")

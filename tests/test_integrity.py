@@ -17,6 +17,7 @@ import torch
 from ckptstore import CheckpointManager, CorruptCheckpointError, files
 from ckptstore.serializers import ChecksumReader, SafetensorsFormat, Source, read_checked
 from ckptstore.storage import FsspecStorage, open_parent, open_storage
+from test_foreign_files import put
 
 
 def corrupt(store, info, how: str) -> str:
@@ -118,14 +119,6 @@ def test_unreadable_manifest_is_skipped_not_deleted(store):
 # -- single files: ``ckptstore verify <file>`` (files.verify), no manifest to compare with --------------
 
 
-def put_file(store, name: str, data: bytes) -> str:
-    storage = open_storage(store.url, store.storage_options)
-    storage.makedirs()
-    with storage.open_write(name) as f:
-        f.write(data)
-    return store.join(name)
-
-
 def zip_of(members: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as archive:
@@ -151,8 +144,8 @@ def test_verify_of_a_single_file_checks_each_torch_record_and_each_safetensors_h
     """Sound files of both formats pass; a flipped tensor byte, a cut zip, a zip of something else
     and a damaged safetensors header are each refused in a message naming the file and the damage."""
     good_pt = torch_file_bytes({"w": torch.arange(64.0)})
-    files.verify(put_file(store, "good.pt", good_pt), storage_options=store.storage_options)
-    files.verify(put_file(store, "good.safetensors", safetensors.torch.save({"w": torch.arange(64.0) + 1})),
+    files.verify(put(store, "good.pt", good_pt), storage_options=store.storage_options)
+    files.verify(put(store, "good.safetensors", safetensors.torch.save({"w": torch.arange(64.0) + 1})),
                  storage_options=store.storage_options)
 
     member, offset = member_data_offset(good_pt, "/data/0")
@@ -169,7 +162,7 @@ def test_verify_of_a_single_file_checks_each_torch_record_and_each_safetensors_h
                                                              "line 1 column 2 (char 1))"),
     }
     for name, (data, message) in cases.items():
-        url = put_file(store, name, data)
+        url = put(store, name, data)
         with pytest.raises(CorruptCheckpointError) as err:
             files.verify(url, storage_options=store.storage_options)
         assert str(err.value) == message.format(url=url)
@@ -178,7 +171,7 @@ def test_verify_of_a_single_file_checks_each_torch_record_and_each_safetensors_h
 def test_verify_reads_a_safetensors_header_and_load_sniffs_only_the_first_bytes(store, monkeypatch):
     """A safetensors file has no checksum to compute: its prefix and header are all verify reads.
     load finds the format from a few bytes, then streams the tensors once (not through ``read``)."""
-    url = put_file(store, "big.safetensors", safetensors.torch.save({"w": torch.zeros(2**16)}))
+    url = put(store, "big.safetensors", safetensors.torch.save({"w": torch.zeros(2**16)}))
     read: list[int] = []
     original = FsspecStorage.read
 
@@ -198,7 +191,7 @@ def test_verify_reads_a_safetensors_header_and_load_sniffs_only_the_first_bytes(
 def test_a_file_that_shrinks_while_it_is_read_is_named_as_truncated(store):
     """The size was taken, then the file was cut (another writer): the reader says where it ended."""
     data = safetensors.torch.save({"w": torch.arange(100.0)})
-    url = put_file(store, "w.safetensors", data[:-40])
+    url = put(store, "w.safetensors", data[:-40])
     storage, name = open_parent(url, store.storage_options)
     source = Source(storage, name, len(data))  # the size it had when it was listed
     for read in (lambda: read_checked(source, None), lambda: SafetensorsFormat().read(source, None, True, None)):
