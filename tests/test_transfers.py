@@ -31,8 +31,12 @@ def big_state(step: int) -> dict[str, Any]:
 
 
 def data_or_other(head: RequestHead) -> str:
-    """Reads and writes of a checkpoint's data file, apart from listings and manifests."""
-    return f"{head.method} data" if "state-" in unquote(head.path) else head.method
+    """Byte reads and writes of a checkpoint's data file, apart from listings, manifests and
+    metadata: gcsfs's ``info`` sends its metadata GET and a listing at once, which are not
+    ranges in flight."""
+    if "state-" not in unquote(head.path) or (head.method == "GET" and "range" not in head.headers):
+        return head.method
+    return f"{head.method} data"
 
 
 @pytest.fixture
@@ -72,7 +76,7 @@ def test_a_whole_file_read_keeps_as_many_ranges_in_flight_as_asked(remote_store,
     assert mgr.verify() == {"step_00000001": None}
     ranged = [t for m, t, _ in slow_link.stats.log if m == "GET" and "state-" in t]
     assert len(ranged) >= 5, slow_link.stats.log
-    assert slow_link.stats.max_in_flight["GET data"] == in_flight
+    assert slow_link.stats.max_in_flight["GET data"] == in_flight, "\n".join(map(str, slow_link.stats.log))
 
 
 def test_a_part_that_fails_for_good_aborts_the_upload_and_commits_nothing(remote_store, slow_link):
