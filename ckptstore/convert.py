@@ -42,7 +42,7 @@ from . import shards
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError, UnsupportedValueError
 from .manifest import CheckpointInfo
-from .partial import LoadReport, Plan, opened, plan
+from .partial import LoadReport, Plan, opened, plan, resolve
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent
@@ -76,15 +76,17 @@ def convert(
         >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
         tensor([1., 1.])
     """
-    if shards.find(src, storage_options) is not None:
+    resolved = resolve(src, storage_options)
+    if resolved[2] is None and shards.find(src, storage_options) is not None:
         raise ConfigError(f"{os.fspath(src)} is a sharded checkpoint; convert its shards one by one (each is a file), "
                           "or ckptstore.load it whole and ckptstore.save the result")
     out_storage, out_name = open_parent(dst, storage_options)
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
     report = LoadReport()
-    with opened(src, storage_options, report) as source:
+    with opened(resolved, report) as source:
         reader = _source(source.storage, source.name, None if report.read_whole else source.info)  # re-zipped pre-1.6: no CRC
-        planned = plan(reader.storage, reader.name, LoadReport(), reader.size, head=source.head, weights_only=weights_only)
+        planned = plan(reader.storage, reader.name, LoadReport(), reader.size, head=source.head, tail=source.tail,
+                       weights_only=weights_only)
         same_format = reader.is_zip != to_safetensors  # the plan above is also what proves the source is torch or safetensors
         if not same_format and planned.rebuilt:
             key, whole = next(iter(planned.rebuilt.items()))

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -132,11 +133,12 @@ def load_partial(
     """
     report = LoadReport()
     targets = _target_tensors(target)
-    index = shards.find(url, storage_options)
+    resolved = resolve(url, storage_options)
+    index = shards.find(url, storage_options) if resolved[2] is None else None
     if index is not None:
         return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer,
                              weights_only)
-    with opened(url, storage_options, report) as source:
+    with opened(resolved, report) as source:
         prefix = key if key is not None else ("model" if source.info else None)
         sources = _under(source.plan(report, weights_only).tensors(), prefix)
         selected = _select(source.storage.url(source.name), prefix, sources, report, targets, key_map, strict, strict_dtype,
@@ -222,13 +224,14 @@ def describe(
         [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
     """
     report = LoadReport()
-    index = shards.find(url, storage_options)
+    resolved = resolve(url, storage_options)
+    index = shards.find(url, storage_options) if resolved[2] is None else None
     if index is not None:  # every shard's header: a sharded file's tensors, and no other values
         sources = {k: v for shard in index.shards
                    for k, v in plan(index.storage, shard, report, weights_only=weights_only).tensors().items()}
         where, values, info = index.url, {"shards": index.shards}, None
     else:
-        with opened(url, storage_options, report) as source:
+        with opened(resolved, report) as source:
             planned = source.plan(report, weights_only)
         where = os.fspath(url) if report.read_whole else source.storage.url(source.name)
         sources, values, info = planned.tensors(), planned.values, source.info
@@ -258,20 +261,22 @@ class Opened(NamedTuple):
     info: CheckpointInfo | None  # the manifest, when the URL was a checkpoint folder
     size: int | None = None
     head: bytes | None = None
+    tail: bytes | None = None  # a torch zip's directory, fetched with the head on a remote store
 
     def plan(self, counter: ReadCounter, weights_only: bool = True) -> Plan:
-        return plan(self.storage, self.name, counter, self.size, head=self.head, weights_only=weights_only)
+        return plan(self.storage, self.name, counter, self.size, head=self.head, tail=self.tail, weights_only=weights_only)
 
 
 @contextlib.contextmanager
-def opened(url: str | os.PathLike[str], storage_options: dict[str, Any] | None, report: LoadReport) -> Iterator[Opened]:
-    """:func:`resolve`, with the format found from the first bytes: a torch file from before 1.6
-    (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
-    storage, name, info = resolve(url, storage_options)
+def opened(resolved: Resolved, report: LoadReport) -> Iterator[Opened]:
+    """A :func:`resolve`-d file, with the format found from the first bytes: a torch file from
+    before 1.6 (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
+    storage, name, info = resolved
     size = info.files[0].size if info is not None else storage.size(name)  # the manifest knows it: no request
-    head = _read(storage, name, 0, min(HEAD_BYTES, size), report)
+    maybe_torch = info.format == "torch" if info is not None else not name.endswith(".safetensors")
+    head, tail = _read_edges(storage, name, size, report, maybe_torch)
     if file_format(head, storage.url(name)) != "torch-legacy":
-        yield Opened(storage, name, info, size, head)
+        yield Opened(storage, name, info, size, head, tail)
         return
     report.read_whole = True
     report.bytes_read += size
@@ -279,11 +284,15 @@ def opened(url: str | os.PathLike[str], storage_options: dict[str, Any] | None, 
         yield Opened(folder, zipped, info)
 
 
-def resolve(
-    url: str | os.PathLike[str], storage_options: dict[str, Any] | None
-) -> tuple[FsspecStorage, str, CheckpointInfo | None]:
+Resolved = tuple[FsspecStorage, str, CheckpointInfo | None]
+
+
+def resolve(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Resolved:
     """(storage of the file's folder, file name, the checkpoint's manifest if ``url`` is a
-    checkpoint folder, else None): a checkpoint folder resolves to its data file."""
+    checkpoint folder, else None): a checkpoint folder resolves to its data file. A name with
+    a file's suffix (``.pt``, ``.safetensors``, ...) is a file: no manifest is looked for."""
+    if posixpath.basename(os.fspath(url).rstrip("/")).endswith(shards.FILE_SUFFIXES):
+        return (*open_parent(url, storage_options), None)
     folder = open_storage(url, storage_options)
     try:
         info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
@@ -294,11 +303,12 @@ def resolve(
 
 def plan(
     storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None, *,
-    head: bytes | None = None, weights_only: bool = True,
+    head: bytes | None = None, tail: bytes | None = None, weights_only: bool = True,
 ) -> Plan:
     """Plan the safetensors or torch file ``name`` from its header alone (see :class:`Plan`).
 
-    ``size`` and ``head`` (its first ``HEAD_BYTES``), when the caller has them, save a request each.
+    ``size``, ``head`` (its first ``HEAD_BYTES``) and ``tail`` (its last ``TAIL_BYTES``, a
+    torch zip's directory), when the caller has them, save a request each.
 
     Raises:
         CorruptCheckpointError: the header, directory or ``data.pkl`` is damaged or unplannable.
@@ -312,7 +322,7 @@ def plan(
     if kind == "torch-legacy":
         raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
     if kind == "torch":
-        return _plan_torch(storage, name, size, head, where, counter, trusted=not weights_only)
+        return _plan_torch(storage, name, size, head, tail, where, counter, trusted=not weights_only)
     length = header_length(head[:8], size, where)
     raw = head[8 : 8 + length] if 8 + length <= len(head) else _read(storage, name, 8, 8 + length, counter)
     header = parse_header(raw, size, where)
@@ -328,13 +338,14 @@ def plan(
     return Plan(sources, metadata, lambda load: unflatten(skeleton, load))
 
 
-def _plan_torch(storage: FsspecStorage, name: str, size: int, head: bytes, where: str, counter: ReadCounter,
-                trusted: bool) -> Plan:
+def _plan_torch(storage: FsspecStorage, name: str, size: int, head: bytes, tail: bytes | None, where: str,
+                counter: ReadCounter, trusted: bool) -> Plan:
     """zipfile reads the directory at the end, then data.pkl near the start: served from ``head``
-    and, on remote stores, one read of the tail (:class:`~ckptstore.rangefile.RangeFile`), not a
-    request each."""
-    remote = storage.local_path(name) is None  # a local read costs no round trip: read exactly what zipfile asks
-    f = RangeFile(storage, name, size, head=head, tail_bytes=TAIL_BYTES if remote else 0)
+    and, on remote stores, the tail (:class:`~ckptstore.rangefile.RangeFile`), not a request each.
+    A caller that has no tail yet costs one more request here."""
+    if tail is None and storage.local_path(name) is None:  # a local read costs no round trip: read what zipfile asks
+        tail = _read(storage, name, max(len(head), size - TAIL_BYTES), size, counter)
+    f = RangeFile(storage, name, size, head=head, tail=tail or b"")
     refs, header_offsets, obj = read_plan(f, where, trusted)  # type: ignore[arg-type]
     counter.bytes_read += f.bytes_read
     counter.requests += f.requests
@@ -414,6 +425,19 @@ def _read(storage: FsspecStorage, name: str, start: int, end: int, counter: Read
     counter.bytes_read += len(data)
     counter.requests += 1
     return data
+
+
+def _read_edges(storage: FsspecStorage, name: str, size: int, counter: ReadCounter, maybe_torch: bool) -> tuple[bytes, bytes | None]:
+    """The file's first ``HEAD_BYTES`` and, for what may be a torch zip on a remote store, its last
+    ``TAIL_BYTES`` (the zip's directory) too, both in one round trip (None: not fetched)."""
+    head_end = min(HEAD_BYTES, size)
+    tail_start = max(head_end, size - TAIL_BYTES)
+    if not maybe_torch or tail_start >= size or storage.local_path(name) is not None:
+        return _read(storage, name, 0, head_end, counter), None
+    head, tail = storage.read_ranges(name, [(0, head_end), (tail_start, size)])
+    counter.bytes_read += len(head) + len(tail)
+    counter.requests += 2
+    return head, tail
 
 
 # -- landing ------------------------------------------------------------------------------

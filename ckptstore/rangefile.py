@@ -4,17 +4,20 @@ Planning a torch zip reads its end (the end-of-central-directory record and the 
 and its start (``data.pkl``, the first member ``torch.save`` writes) in a dozen small reads.
 Through an fsspec file each is a request (a round trip on a real link; moto even reads the
 whole object for each), and opening it costs a HEAD for the size. :class:`RangeFile` is told
-the size, keeps the windows it was given (the first bytes a caller already read, the last
-``TAIL_BYTES`` fetched in one request) and asks the store only for reads outside them.
+the size, keeps the windows it was given (the first bytes and the last ``TAIL_BYTES``, which
+the planner fetches together in one round trip) and asks the store only for reads outside them.
 
 Example:
     >>> from ckptstore.storage import open_storage
     >>> store = open_storage("memory://doc/rangefile")
     >>> store.write_new("f.bin", bytes(range(100)))
-    >>> f = RangeFile(store, "f.bin", 100, head=bytes(range(10)), tail_bytes=20)
+    >>> f = RangeFile(store, "f.bin", 100, head=bytes(range(10)), tail=bytes(range(80, 100)))
     >>> _ = f.seek(95)
     >>> f.read(), f.requests
-    (b'_`abc', 1)
+    (b'_`abc', 0)
+    >>> _ = f.seek(50)
+    >>> f.read(2), f.requests
+    (b'23', 1)
 """
 
 from __future__ import annotations
@@ -27,20 +30,18 @@ TAIL_BYTES = 64 * 2**10  # a zip's end record and a directory of ~600 members, i
 
 
 class RangeFile(io.RawIOBase):
-    """``size`` bytes of ``name``; ``head`` holds its first bytes if the caller read them already.
+    """``size`` bytes of ``name``; ``head`` and ``tail`` hold its first and last bytes, if the
+    caller read them already.
 
     ``requests`` and ``bytes_read`` count what was asked of the store.
     """
 
-    def __init__(self, storage: FsspecStorage, name: str, size: int, *, head: bytes = b"", tail_bytes: int = TAIL_BYTES) -> None:
+    def __init__(self, storage: FsspecStorage, name: str, size: int, *, head: bytes = b"", tail: bytes = b"") -> None:
         super().__init__()
         self.storage, self.name, self.size = storage, name, size
         self.requests, self.bytes_read = 0, 0
-        self._windows = [(0, head[:size])]
+        self._windows = [(0, head[:size]), (size - len(tail), tail)]
         self._position = 0
-        tail_start = max(len(head), size - tail_bytes)
-        if tail_start < size:
-            self._windows.append((tail_start, self._fetch(tail_start, size)))
 
     def readable(self) -> bool:
         return True

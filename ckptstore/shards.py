@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointNotFound, CorruptCheckpointError
-from .manifest import MANIFEST_NAME
 from .storage import FsspecStorage, open_parent, open_storage
 
 INDEX_SUFFIX = ".index.json"
-_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")  # a name with one is not a folder
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")  # a name with one is not a folder
 
 
 @dataclass(frozen=True)
@@ -53,17 +52,16 @@ class ShardIndex:
 def find(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ShardIndex | None:
     """The index ``url`` names, or the one in the folder ``url`` names; None for anything else.
 
-    A folder with several index files is ambiguous: the error lists them.
+    A folder with several index files is ambiguous: the error lists them. A ckptstore
+    checkpoint folder holds none (callers that read its manifest first skip this listing).
     """
     url = os.fspath(url).rstrip("/")
     if url.endswith(INDEX_SUFFIX):
         storage, name = open_parent(url, storage_options)
         return read_index(storage, name)
-    if posixpath.basename(url).endswith(_FILE_SUFFIXES):
+    if posixpath.basename(url).endswith(FILE_SUFFIXES):
         return None
     folder = open_storage(url, storage_options)
-    if folder.exists(MANIFEST_NAME):  # a ckptstore checkpoint folder: one request, not a listing
-        return None
     listed = folder.list_files()
     found = sorted(p for p in listed if "/" not in p and p.endswith(INDEX_SUFFIX))
     if len(found) > 1:

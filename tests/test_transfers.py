@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 import torch
 
-from ckptstore import CheckpointManager, ConfigError, StorageError, Transfers
+from ckptstore import CheckpointManager, ConfigError, StorageError, Transfers, load_partial
 from netfault import Action, FaultProxy, RequestHead, Rule
 from test_lost_replies import through, upstream_of
 
@@ -37,6 +37,12 @@ def data_or_other(head: RequestHead) -> str:
     if "state-" not in unquote(head.path) or (head.method == "GET" and "range" not in head.headers):
         return head.method
     return f"{head.method} data"
+
+
+def byte_reads(log: list[tuple[str, str]]) -> list[str]:
+    """The GETs of a data file's bytes in ``log`` ((method, unquoted target) pairs): not gcsfs's
+    metadata GETs of the same object."""
+    return [t for m, t in log if m == "GET" and "state-" in t and ("alt=media" in t or "/storage/v1/" not in t)]
 
 
 @pytest.fixture
@@ -77,6 +83,34 @@ def test_a_whole_file_read_keeps_as_many_ranges_in_flight_as_asked(remote_store,
     ranged = [t for m, t, _ in slow_link.stats.log if m == "GET" and "state-" in t]
     assert len(ranged) >= 5, slow_link.stats.log
     assert slow_link.stats.max_in_flight["GET data"] == in_flight, "\n".join(map(str, slow_link.stats.log))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_a_partial_load_plans_in_one_round_trip_after_the_manifest(remote_store, slow_link, fmt):
+    """A partial load of a checkpoint folder: the manifest (one GET, no HEAD before it), then
+    the file's first 64 KiB, with a torch zip's last 64 KiB (its directory) at the same time,
+    then the wanted tensor's range. Three round trips, whatever the format; the data file named
+    directly costs its size lookup instead of the manifest."""
+    state = {"model": {"w": torch.randn(2**20), "b": torch.arange(10.0)}, "step": 1}
+    CheckpointManager(remote_store.url, storage_options=remote_store.storage_options, format=fmt).save(state, step=1)
+    url = f"{remote_store.url}/step_00000001"
+    target = {"b": torch.zeros(10)}
+    report = load_partial(url, target, storage_options=through(remote_store, slow_link))
+    assert report.loaded == ["b"] and torch.equal(target["b"], state["model"]["b"])
+    log = [(m, unquote(t)) for m, t, _ in slow_link.stats.log]
+    assert [m for m, _ in log] == ["GET"] * len(log), log  # no HEAD, no listing's other verbs
+    assert sum("manifest.json" in t for _, t in log) == 1, log
+    ranged = byte_reads(log)
+    assert len(ranged) == (3 if fmt == "torch" else 2), log  # head (+ tail at once), then b's bytes
+    assert slow_link.stats.max_in_flight["GET data"] == (2 if fmt == "torch" else 1)
+    assert report.requests == len(ranged)
+    # the data file by its own name: a file, so no manifest is looked for beside it
+    seen = len(slow_link.stats.log)
+    name = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options).latest().files[0].path
+    again = load_partial(f"{url}/{name}", {"b": torch.zeros(10)}, storage_options=through(remote_store, slow_link), key="model")
+    later = [(m, unquote(t)) for m, t, _ in slow_link.stats.log[seen:]]
+    assert again.loaded == ["b"] and not any("manifest" in t for _, t in later), later
+    assert len(byte_reads(later)) == len(ranged), later
 
 
 def test_a_part_that_fails_for_good_aborts_the_upload_and_commits_nothing(remote_store, slow_link):
