@@ -263,7 +263,7 @@ class Opened(NamedTuple):
     head: bytes | None = None
     tail: bytes | None = None  # a torch zip's directory, fetched with the head on a remote store
 
-    def plan(self, counter: ReadCounter, weights_only: bool = True) -> Plan:
+    def plan(self, counter: ReadCounter, weights_only: bool) -> Plan:
         return plan(self.storage, self.name, counter, self.size, head=self.head, tail=self.tail, weights_only=weights_only)
 
 

@@ -17,7 +17,7 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 import ckptstore
-from ckptstore import ConfigError, CorruptCheckpointError, StorageError, UnsafeCheckpointError, files
+from ckptstore import ConfigError, CorruptCheckpointError, StateMismatchError, StorageError, UnsafeCheckpointError, files
 from ckptstore.cli import main
 from ckptstore.convert import convert
 from ckptstore.partial import describe
@@ -259,6 +259,20 @@ def test_a_sharded_checkpoint_loads_by_its_folder_or_its_index_reading_only_the_
     assert report.bytes_read < first_shard_bytes  # the second shard's header and its two tensors' ranges only
     with pytest.raises(ConfigError, match="sharded checkpoint; convert its shards one by one"):
         convert(store.join("hf"), store.join("one.safetensors"), storage_options=opts)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_sharded_load_honours_strict_and_the_key_map(store, kind):
+    """The options a single file takes hold for shards too: strict refuses keys the target
+    lacks, and key_map renames (the target's names need not be the index's)."""
+    everything = sharded(store, kind)
+    opts = store.storage_options
+    target = {"layer.1.weight": torch.zeros(16, 16), "head.weight": torch.zeros(4, 16)}
+    with pytest.raises(StateMismatchError, match=r"unexpected \['embed.weight', 'layer.0.weight'\]"):
+        ckptstore.load_partial(store.join("hf"), target, strict=True, storage_options=opts)
+    renamed = {"block.weight": torch.zeros(16, 16)}
+    report = ckptstore.load_partial(store.join("hf"), renamed, key_map={"layer.1.": "block."}, storage_options=opts)
+    assert report.loaded == ["block.weight"] and torch.equal(renamed["block.weight"], everything["layer.1.weight"])
 
 
 def test_a_shard_index_that_points_outside_its_folder_is_refused(store):

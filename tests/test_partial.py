@@ -97,6 +97,48 @@ def test_ddp_prefix_key_map_and_strict(store, kind):
         load_partial(url, nn.Linear(4, 4), strict=True, storage_options=store.storage_options)
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+@pytest.mark.parametrize("extra", ["target", "file"])
+def test_strict_refuses_one_key_too_many_on_either_side(store, kind, extra):
+    """strict=True fails on a key the file lacks alone, or on a key the target lacks alone,
+    not only when both sides disagree."""
+    source = nn.Linear(4, 4).state_dict()
+    saved = {**source, "extra": torch.ones(2)} if extra == "file" else source
+    url = upload(store, f"strict-{extra}.{kind}", stock_file(kind, saved))
+    target = {**{k: torch.zeros_like(v) for k, v in source.items()}, **({"extra": torch.zeros(2)} if extra == "target" else {})}
+    expected = r"missing \['extra'\]" if extra == "target" else r"unexpected \['extra'\]"
+    with pytest.raises(StateMismatchError, match=expected):
+        load_partial(url, target, strict=True, storage_options=store.storage_options)
+    assert load_partial(url, target, storage_options=store.storage_options).loaded == ["bias", "weight"]
+
+
+def test_describe_of_a_checkpoint_folder_names_its_manifest_facts(store):
+    """``ckptstore inspect`` shows these: the step, metrics and format of the checkpoint."""
+    from ckptstore import CheckpointManager
+    from ckptstore.partial import describe
+
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options, format="torch")
+    info = mgr.save({"model": {"w": torch.ones(3)}}, step=7, metrics={"loss": 0.25})
+    shown = describe(info.url, store.storage_options)["checkpoint"]
+    assert shown == {"name": "step_00000007", "step": 7, "metrics": {"loss": 0.25}, "format": "torch",
+                     "created": info.created.isoformat(), "size": info.size}
+
+
+def test_a_cast_lands_in_the_target_s_own_tensor_object(store):
+    """A tensor that needs a cast goes through a temporary, then is copied into the target's
+    own tensor, not swapped for a new one: an optimizer holding the parameter sees the values."""
+    source = {"w": torch.arange(6.0).reshape(2, 3).half()}
+    url = upload(store, "cast.safetensors", stock_file("safetensors", source))
+    module = nn.Linear(3, 2, bias=False)
+    param = module.weight
+    assert load_partial(url, module, key_map={"w": "weight"}, storage_options=store.storage_options).cast
+    assert module.weight is param and torch.equal(param.detach(), source["w"].float())
+    tensors = {"w": torch.zeros(2, 3)}
+    held = tensors["w"]
+    load_partial(url, tensors, storage_options=store.storage_options)
+    assert tensors["w"] is held and torch.equal(held, source["w"].float())
+
+
 def test_dtype_differences_are_cast_and_reported(store):
     source = {"w": torch.randn(8, 8), "v": torch.arange(5.0)[1:4]}  # a view: only its bytes are planned
     url = upload(store, "mixed.pt", stock_file("torch", source))

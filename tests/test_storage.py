@@ -51,6 +51,17 @@ def test_read_many_leaves_out_files_deleted_since_they_were_listed(store):
     assert storage.read_many(listed) == {"b.json": b"b"}
 
 
+def test_a_range_past_the_end_of_a_file_names_the_file(store):
+    """A file shorter than its plan (truncated since) is a clear error that says which file."""
+    from ckptstore import StorageError
+
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    storage.write_new("short.bin", b"x" * 10)
+    with pytest.raises(StorageError, match=r"read 6 bytes for \[4, 20\) from .*short\.bin: the file is shorter than expected"):
+        storage.read_ranges("short.bin", [(0, 4), (4, 20)])
+
+
 def test_version_tells_one_write_of_a_file_from_the_next(store):
     """The export record relies on it: same size, same call twice -> same token; a rewrite -> a new one."""
     storage = open_storage(store.url, store.storage_options)
