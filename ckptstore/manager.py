@@ -349,7 +349,7 @@ class CheckpointManager:
         ``abandoned_after``; an S3 lifecycle rule (``AbortIncompleteMultipartUpload``) is the second guard.
         """
         self._background.settle()
-        return self.storage.incomplete_uploads()
+        return self.storage.incomplete_uploads(older_than=0.0)
 
     def _uploads_due(self) -> bool:
         """Look for incomplete uploads on a manager's first save, then at most every ``abandoned_after / 2`` seconds

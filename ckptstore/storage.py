@@ -294,7 +294,7 @@ class FsspecStorage:
         prefix = self.root.rstrip("/") + "/"
         return {p[len(prefix):]: Listed(_mtime(info), _version_of(info)) for p, info in sorted(found.items()) if p.startswith(prefix)}
 
-    def incomplete_uploads(self, older_than: float = 0.0) -> list[Upload]:
+    def incomplete_uploads(self, older_than: float) -> list[Upload]:
         """The root's incomplete multipart uploads begun at least ``older_than`` seconds ago.
 
         S3 only (two requests, plus one per such upload to see its newest part); other stores

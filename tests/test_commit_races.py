@@ -506,3 +506,36 @@ def test_retention_un_commits_before_it_deletes_data(store):
     first = mgr.save({"w": torch.ones(8)}, step=1)
     mgr.save({"w": torch.ones(8)}, step=2)  # retention drops step 1
     assert deleted == [f"{first.name}/manifest.json", f"{first.name}/{first.files[0].path}"]
+
+
+def unfinished_save(store) -> tuple:
+    """A folder with a data file and no manifest, as a save that is still uploading leaves it."""
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    storage.write_new("step_00000005/state-0123abcd.pt", b"x" * 10)
+    return storage, scan.scan(storage)
+
+
+def test_a_save_whose_files_are_fresh_is_kept_however_long_it_was_watched(store):
+    """The idle rule takes the smaller of the files' age (their store's modification time) and
+    how long this process has watched them: a folder watched for 1000 s but written a moment
+    ago is still someone's save in progress."""
+    storage, found = unfinished_save(store)
+    clock = cleanup.IdleClock()
+    assert cleanup.clean(storage, found, 60, clock, now=time.time(), monotonic=0.0) == []  # the watch starts
+    assert cleanup.clean(storage, found, 60, clock, now=time.time(), monotonic=1000.0) == []
+    assert list(scan.scan(storage).abandoned) == ["step_00000005"]
+    assert cleanup.clean(storage, found, 60, clock, now=time.time() + 61, monotonic=1061.0) == ["step_00000005"]
+
+
+def test_an_old_modification_time_on_local_disk_counts_not_the_inode_change_time(store):
+    """On local disk a file's age is its mtime (what a copy with ``cp -p`` or ``rsync -t``
+    keeps), not its ctime, which any rename or chmod resets."""
+    if store.kind not in ("local", "file"):
+        pytest.skip("only a local file has an mtime apart from its ctime")
+    storage, _ = unfinished_save(store)
+    data = storage.local_path("step_00000005/state-0123abcd.pt")
+    os.utime(data, (time.time() - 3600, time.time() - 3600))
+    found, clock = scan.scan(storage), cleanup.IdleClock()
+    assert cleanup.clean(storage, found, 60, clock, monotonic=0.0) == []  # the watch starts
+    assert cleanup.clean(storage, found, 60, clock, monotonic=61.0) == ["step_00000005"]

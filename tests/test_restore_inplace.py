@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from ckptstore import CheckpointManager, CorruptCheckpointError, RNGState, StateMismatchError, commit
-from ckptstore.inplace import restore_into
+from ckptstore import CheckpointManager, CorruptCheckpointError, RNGState, StateMismatchError, UnsafeCheckpointError, commit
+from ckptstore.inplace import restore_checkpoint, restore_into
 from ckptstore.partial import LoadReport, plan
 from ckptstore.storage import open_storage
 
@@ -353,3 +353,179 @@ def test_a_lazy_conjugate_is_filled_through_its_view_not_under_it(store, fmt):
     live = torch.zeros(2, dtype=torch.complex64).conj()
     mgr.restore({"c": live})
     assert live.is_conj() and torch.equal(live.resolve_conj(), saved)
+
+
+def landed(caplog) -> int:
+    """How many tensors the restore logged as landed straight in live memory."""
+    [count] = [r.args[3] for r in caplog.records if r.getMessage().startswith("restored ")]
+    return count
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_checkpoint_that_cannot_be_planned_says_why_it_is_read_whole(store, caplog):
+    """A nested tensor has no byte range: the restore logs (INFO) why it reads the file whole."""
+    mgr = manager(store, "torch")
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    info = mgr.save({"nested": nested, "w": torch.ones(3)}, step=0)
+    w = torch.zeros(3)
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        mgr.restore({"w": w})
+    assert torch.equal(w, torch.ones(3))
+    [record] = [r for r in caplog.records if "reading it whole" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.name == "ckptstore"
+    assert record.getMessage().startswith(f"{info.url} cannot be planned from its header (")
+    assert "a nested tensor" in record.getMessage() and record.getMessage().endswith("); reading it whole")
+
+
+def test_a_checkpoint_with_sparse_tensors_says_why_it_is_read_whole(store, caplog):
+    """Sparse tensors are built by torch's own loader: the restore logs (INFO) which ones made it read the file whole."""
+    mgr = manager(store, "torch")
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 3.0], (4,), check_invariants=True)
+    info = mgr.save({"sparse": sparse, "w": torch.ones(3)}, step=0)
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        mgr.restore({"w": torch.zeros(3)})
+    [record] = [r for r in caplog.records if "reading it whole" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.name == "ckptstore"
+    assert record.getMessage() == f"{info.url} holds sparse or quantized tensors (sparse); reading it whole"
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_checkpoint_read_whole_still_checks_the_state_entries_it_lacks(store):
+    """Read whole or streamed, ``strict`` holds: an entry of ``state`` the checkpoint lacks raises before
+    anything changes, and with ``strict=False`` it is left alone and named in ``missing``."""
+    mgr = manager(store, "torch")
+    mgr.save({"nested": torch.nested.nested_tensor([torch.ones(2)]), "w": torch.ones(3)}, step=0)
+    w, ema = torch.zeros(3), torch.zeros(2)
+    with pytest.raises(StateMismatchError, match=r"holds no \['ema'\]"):
+        mgr.restore({"w": w, "ema": ema})
+    assert not w.any()
+    restored = mgr.restore({"w": w, "ema": ema}, strict=False)
+    assert restored.missing == ("ema",) and torch.equal(w, torch.ones(3)) and not ema.any()
+
+
+def test_a_callable_map_location_gets_torchs_own_storages(store):
+    """As with ``torch.load``, a callable ``map_location`` is called with each saved storage and its
+    location, for the tensors restored in place too."""
+    mgr = manager(store, "torch")
+    mgr.save({"w": torch.arange(4.0), "extra": torch.ones(3)}, step=0)
+    seen = []
+
+    def keep(storage, location):
+        seen.append((type(storage), location))
+        return storage
+
+    w = torch.zeros(4)
+    values = mgr.restore({"w": w}, map_location=keep)
+    assert torch.equal(w, torch.arange(4.0)) and torch.equal(values["extra"], torch.ones(3))
+    assert seen == [(torch.UntypedStorage, "cpu")] * 2
+
+
+def test_a_callable_map_location_places_only_new_tensors_of_a_safetensors_checkpoint(store, caplog):
+    """safetensors has no storages: the callable places the saved tensors without a live counterpart,
+    while the live ones still get their bytes straight (no second copy in memory)."""
+    mgr = manager(store, "safetensors")
+    mgr.save({"w": torch.arange(4.0), "extra": torch.ones(3)}, step=0)
+    seen = []
+
+    def double(tensor, location):
+        seen.append((tuple(tensor.shape), location))
+        return tensor * 2
+
+    w = torch.zeros(4)
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        values = mgr.restore({"w": w}, map_location=double)
+    assert torch.equal(w, torch.arange(4.0)) and torch.equal(values["extra"], torch.full((3,), 2.0))
+    assert seen == [((3,), "cpu")] and landed(caplog) == 1
+
+
+class Drifting(torch.optim.Optimizer):
+    """torch's state_dict/load_state_dict, with per-parameter state that changes kind as it trains:
+    ``slow`` is a number and ``stats`` None until the second step makes them a tensor and a dict."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    state["slow"], state["stats"] = p.detach().clone(), {"norm": p.detach().norm()}
+                else:
+                    state["slow"], state["stats"] = 0.0, None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimizer_state_that_changed_kind_is_restored_as_torch_loads_it(store, fmt):
+    """Where the live optimizer holds a number or None and the checkpoint a tensor or a dict of
+    tensors, the saved values replace them, as ``optimizer.load_state_dict`` would."""
+    weight = nn.Parameter(torch.arange(3.0))
+    trained = Drifting([weight])
+    trained.step()
+    trained.step()
+    mgr = manager(store, fmt)
+    mgr.save({"optimizer": trained}, step=2)
+    live = Drifting([nn.Parameter(torch.zeros(3))])
+    live.step()
+    mgr.restore({"optimizer": live})
+    torch.testing.assert_close(live.state_dict(), trained.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_overlapping_live_tensors_are_written_in_saved_order(store, fmt):
+    """Two live views share memory and only one of them can take its bytes as they are: the
+    overlap ends up holding the tensor saved last, as copying each saved tensor in would."""
+    mgr = manager(store, fmt)
+    mgr.save({"b": torch.full((4,), 2.0, dtype=torch.float64), "a": torch.full((4,), 1.0)}, step=0)
+    flat = torch.zeros(6)
+    mgr.restore({"a": flat[:4], "b": flat[2:]})
+    assert flat.tolist() == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_adjacent_views_of_one_flat_buffer_each_land_straight_in_it(store, fmt, caplog):
+    """Parameters that are consecutive views of one flat buffer share no bytes: each gets its saved
+    bytes straight in its memory (none is read into a new tensor first)."""
+    mgr = manager(store, fmt)
+    mgr.save({"a": torch.arange(4.0), "b": torch.arange(4.0, 8.0)}, step=0)
+    flat = torch.zeros(8)
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        mgr.restore({"a": flat[:4], "b": flat[4:]})
+    assert torch.equal(flat, torch.arange(8.0)) and landed(caplog) == 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_live_tensors_share_no_bytes_and_conflict_with_nothing(store, fmt, caplog):
+    """Empty tensors (a layer without inputs has a (n, 0) weight) share no bytes with anything, each other included."""
+    mgr = manager(store, fmt)
+    mgr.save({"a": torch.zeros(3, 0), "b": torch.zeros(3, 0), "w": torch.ones(2)}, step=0)
+    live = {"a": torch.zeros(3, 0), "b": torch.zeros(3, 0), "w": torch.zeros(2)}
+    with caplog.at_level(logging.INFO, logger="ckptstore"):
+        mgr.restore(live)
+    assert torch.equal(live["w"], torch.ones(2)) and landed(caplog) == 3
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass: torch.save pickles its class, which only ``weights_only=False`` loads."""
+
+
+def test_a_pickled_class_is_refused_unless_weights_only_is_false(store):
+    """restore_checkpoint is safe by default: a checkpoint whose pickle names a class beyond torch's
+    allowlist is refused before anything changes; ``weights_only=False`` restores it."""
+    mgr = manager(store, "torch")
+    info = mgr.save({"tagged": torch.ones(2).as_subclass(Tagged), "w": torch.ones(2)}, step=0)
+    w = torch.zeros(2)
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        restore_checkpoint(mgr.storage, info, {"w": w})
+    assert not w.any()
+    values = mgr.restore({"w": w}, weights_only=False)
+    assert type(values["tagged"]) is Tagged and torch.equal(w, torch.ones(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_mismatch_inside_nested_containers_names_its_full_path(store, fmt):
+    """A shape mismatch deep in nested dicts names the whole path to the live tensor."""
+    mgr = manager(store, fmt)
+    mgr.save({"ema": {"shadow": {"w": torch.ones(3)}}}, step=0)
+    with pytest.raises(StateMismatchError, match=r"^state\['ema'\]\['shadow'\]\['w'\] has shape \(4,\)"):
+        mgr.restore({"ema": {"shadow": {"w": torch.zeros(4)}}})
