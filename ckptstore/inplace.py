@@ -163,7 +163,7 @@ def _restore(
     report = LoadReport()
     with _vanishing(where):
         try:
-            planned: Plan | None = plan(data, path, report, size)
+            planned: Plan | None = plan(data, path, report, size, weights_only=True)  # planned before any check
         except (CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError) as err:
             log.info("%s cannot be planned from its header (%s); reading it whole", info.url, err)
             planned = None

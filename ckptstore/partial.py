@@ -308,7 +308,8 @@ def plan(
     """Plan the safetensors or torch file ``name`` from its header alone (see :class:`Plan`).
 
     ``size``, ``head`` (its first ``HEAD_BYTES``) and ``tail`` (its last ``TAIL_BYTES``, a
-    torch zip's directory), when the caller has them, save a request each.
+    torch zip's directory), when the caller has them, save a request each. ``weights_only=False``
+    lets ``data.pkl`` reference any global: for a file the caller trusts.
 
     Raises:
         CorruptCheckpointError: the header, directory or ``data.pkl`` is damaged or unplannable.

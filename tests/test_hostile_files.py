@@ -117,6 +117,37 @@ def test_torch_file_with_arbitrary_globals_is_refused(capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
+class MakesADirectory:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def test_a_checkpoint_whose_pickle_calls_a_function_is_refused_by_restore_without_calling_it(store, tmp_path):
+    """Someone with write access to the bucket replaces a checkpoint (data file and a matching
+    manifest) with one whose data.pkl calls ``os.mkdir``. ``restore`` plans the file with the
+    restricted unpickler, then reads it whole with ``weights_only=True``: refused, never called."""
+    import crc32c
+
+    mgr = ckptstore.CheckpointManager(store.url, storage_options=store.storage_options, format="torch")
+    info = mgr.save({"model": {"w": torch.ones(2)}}, step=1)
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "hook": MakesADirectory(str(tmp_path / "pwned"))}, buf)
+    data = buf.getvalue()
+    storage = open_storage(info.url, store.storage_options)
+    manifest = json.loads(storage.read("manifest.json"))
+    manifest["files"][0].update(size=len(data), crc32c=f"{crc32c.crc32c(data):08x}")
+    put(store, f"{info.name}/{info.files[0].path}", data)
+    storage.fs.pipe_file(storage._full("manifest.json"), json.dumps(manifest).encode())
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        mgr.restore({"model": {"w": torch.zeros(2)}})
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_torch_file_with_os_system_in_its_pickle_is_refused():
     """A hand-made zip whose data.pkl calls os.system: refused before any import or call."""
     buf = io.BytesIO()

@@ -139,6 +139,40 @@ def test_a_cast_lands_in_the_target_s_own_tensor_object(store):
     assert tensors["w"] is held and torch.equal(held, source["w"].float())
 
 
+def safetensors_with_header_of(length: int, tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file whose JSON header is exactly ``length`` bytes (padded by its metadata)."""
+    for pad in range(length - 300, length):
+        data = safetensors.torch.save(tensors, metadata={"pad": "x" * pad})
+        if int.from_bytes(data[:8], "little") == length:
+            return data
+    raise AssertionError(f"no padding gives a {length}-byte header")
+
+
+@pytest.mark.parametrize("header, requests", [(64 * 2**10 - 8, 2), (100_000, 3)], ids=["fills-the-first-read", "longer"])
+def test_a_safetensors_header_is_read_in_one_request_when_it_fits_the_first_read(store, header, requests):
+    """The first read is 64 KiB: a header that ends exactly there needs no second request; a
+    longer one (thousands of tensors, or big metadata) is read in one more."""
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(300_000)}
+    url = upload(store, "header.safetensors", safetensors_with_header_of(header, tensors))
+    target = {"a": torch.zeros(4)}
+    report = load_partial(url, target, storage_options=store.storage_options)
+    assert report.loaded == ["a"] and torch.equal(target["a"], tensors["a"])
+    assert report.requests == requests  # the header (and, longer, its rest), then a's range
+
+
+def test_describe_of_a_safetensors_checkpoint_shows_the_saved_tree(store):
+    """A ckptstore safetensors file keeps the state's structure in its metadata; describe shows
+    it with each tensor as a placeholder, beside the plain values."""
+    from ckptstore import CheckpointManager
+    from ckptstore.partial import describe
+    from ckptstore.serializers import TREE_METADATA_KEY
+
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options, format="safetensors")
+    info = mgr.save({"model": {"w": torch.ones(3)}, "epoch": 4, "note": "warmup"}, step=1)
+    tree = describe(info.url, store.storage_options)["values"][TREE_METADATA_KEY]
+    assert tree["epoch"] == 4 and tree["note"] == "warmup" and tree["model"]["w"].startswith("<tensor ")
+
+
 def test_dtype_differences_are_cast_and_reported(store):
     source = {"w": torch.randn(8, 8), "v": torch.arange(5.0)[1:4]}  # a view: only its bytes are planned
     url = upload(store, "mixed.pt", stock_file("torch", source))
