@@ -39,3 +39,10 @@ def test_a_root_with_special_characters_works_and_spares_its_siblings(store, nam
         other = manager(store, sibling)
         assert [c.step for c in other.checkpoints()] == [0]
         assert torch.equal(other.restore()["w"], torch.full((4,), -1.0))
+
+
+@pytest.mark.parametrize("name", ["run-X", "run/"])
+def test_a_checkpoint_s_url_keeps_every_character_of_its_root(store, name):
+    """The URL a save returns is the root as given (a trailing slash aside) plus the folder."""
+    info = manager(store, name).save({"w": torch.ones(2)}, step=1)
+    assert info.url == f"{store.join(name).rstrip('/')}/step_00000001"

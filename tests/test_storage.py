@@ -74,3 +74,12 @@ def test_version_tells_one_write_of_a_file_from_the_next(store):
     with storage.open_write("f.bin", published=published) as f:
         f.write(b"b" * 100)  # the same size
     assert published[1] == storage.version("f.bin") != first
+
+
+@pytest.mark.parametrize("path", [5, "", "C:", "a//b", "a/", "../x", "/x", "s3://b/x", "a\\b"])
+def test_a_path_that_is_not_plainly_below_the_root_is_refused(path):
+    from ckptstore import InvalidNameError
+    from ckptstore.storage import check_relative_path
+
+    with pytest.raises(InvalidNameError, match="must be"):
+        check_relative_path(path)  # type: ignore[arg-type]

@@ -190,3 +190,22 @@ def test_a_partial_load_that_matches_nothing_says_why_instead_of_loading_nothing
         manager(store).load_partial(target, key="net")
     report = manager(store).load_partial(target, key_map={"module.": ""})  # told how: it loads
     assert report.loaded == ["bias", "weight"] and torch.equal(target.weight, source.weight)
+
+
+def test_an_option_a_strict_filesystem_refuses_is_named_in_one_line():
+    """Some fsspec filesystems take only the options they know: a mistyped one is named, with
+    where to read about the rest, instead of a bare TypeError from the constructor."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class StrictMemory(MemoryFileSystem):
+        protocol = "strictmem"
+
+        def __init__(self, *, block_size: int = 1) -> None:
+            super().__init__()
+
+    fsspec.register_implementation("strictmem", StrictMemory, clobber=True)
+    with pytest.raises(ConfigError, match=r"^storage option 'blocksize' is not one strictmem takes; see the fsspec "
+                                          r"documentation of the strictmem filesystem$"):
+        open_storage("strictmem://run", {"blocksize": 4})
+    assert open_storage("strictmem://run", {"block_size": 4}).url("a") == "strictmem://run/a"
