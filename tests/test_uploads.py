@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from ckptstore import CheckpointManager, cleanup
+from ckptstore import CheckpointManager, CkptStoreError, cleanup
 from ckptstore.cli import main
 from ckptstore.storage import open_storage
 
@@ -119,3 +119,16 @@ def test_a_writer_killed_mid_upload_leaves_an_upload_that_prune_shows_then_abort
 
 def test_stores_without_multipart_uploads_have_none(store):
     assert manager(store).incomplete_uploads() == []
+
+
+def test_a_nested_root_sees_its_own_uploads_and_a_missing_bucket_is_named(s3):
+    """The root's prefix is everything after the bucket, however deep; listing the uploads of a
+    root whose bucket is gone names that root."""
+    raw = Uploads(s3)
+    raw.start(f"{raw.prefix}/runs/exp1/step_00000001/state-0a1b2c3d.safetensors", parts=3)
+    nested = CheckpointManager(f"{s3.url}/runs/exp1", storage_options=s3.storage_options)
+    assert [(u.path, u.parts) for u in nested.incomplete_uploads()] == [("step_00000001/state-0a1b2c3d.safetensors", 3)]
+    gone = open_storage(f"s3://no-such-bucket-{raw.bucket}/run", s3.storage_options)
+    with pytest.raises(CkptStoreError, match=rf"^s3://no-such-bucket-{raw.bucket}/run does not exist$"):
+        gone.incomplete_uploads(older_than=0.0)
+
