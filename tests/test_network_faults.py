@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ckptstore import CheckpointManager, CkptStoreError, StorageError, network
+from ckptstore.storage import open_storage
 from netfault import Action, FaultProxy, Rule
 from test_lost_replies import through, upstream_of
 
@@ -135,6 +136,18 @@ def test_a_permanent_failure_is_not_retried_and_says_so_in_one_line(remote_store
         assert "access denied" in message, message
     proxy.clear()
     assert CheckpointManager(remote_store.url, storage_options=remote_store.storage_options).checkpoints() == []
+
+
+def test_a_root_that_is_a_file_the_store_refuses_to_show_is_named_at_once(remote_store, proxy):
+    """The manager looks at its root when it starts: a file there is sniffed to say what it is
+    (see test_user_mistakes.py); a 403 on reading it is one line saying what could not be reached."""
+    parent = remote_store.url.rsplit("/", 1)[0]
+    open_storage(parent, remote_store.storage_options).write_new("root", b"not a folder")
+    rule = proxy.add(Rule(Action.STATUS, method="GET", target=r"alt=media" if remote_store.kind == "gcs" else r"/root$",
+                          status=403))
+    with pytest.raises(StorageError, match=r"^cannot reach \S+/root: access denied"):
+        CheckpointManager(remote_store.url, storage_options=fast_timeouts(remote_store, proxy))
+    assert rule.fired == 1
 
 
 # ------------------------------------------------------------------------------- the storm
