@@ -116,7 +116,7 @@ class ConcurrentUpload:
         ``STALLED_TRIES`` times, then the upload fails with TimeoutError.
         """
         body = kwargs["Body"]
-        deadline = float(self.fs.config_kwargs.get("read_timeout", self.fs.read_timeout)) + len(body) / self.stalled_below
+        deadline = float(self.fs.config_kwargs["read_timeout"]) + len(body) / self.stalled_below  # set by network.with_defaults
         for attempt in range(1, STALLED_TRIES + 1):
             try:
                 call = self.fs._call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)

@@ -193,6 +193,27 @@ def test_a_server_that_stops_reading_mid_part_gets_the_part_again_not_a_hung_sav
     assert direct.verify() == {"step_00000001": None}
 
 
+def test_a_part_that_stalls_every_try_fails_the_save_after_three_and_commits_nothing(remote_store, caplog):
+    """The same stall on every try: three tries, each cut at its bound and said in a warning,
+    then the save fails in one line; the upload is aborted and nothing is committed."""
+    if remote_store.kind != "s3":
+        pytest.skip("GCS uploads are gcsfs's own (see the README: a mid-upload stall there is not bounded)")
+    part = 32 * 2**20
+    stall = Rule(Action.STALL_REQUEST, method="PUT", target=r"[?&]partNumber=1(&|$)", request_bytes=2**20, stall_seconds=120)
+    with FaultProxy(upstream_of(remote_store), [stall], timeout=130.0) as proxy:
+        options = {**through(remote_store, proxy), "config_kwargs": {"read_timeout": 1}}
+        mgr = CheckpointManager(remote_store.url, storage_options=options,
+                                transfers=Transfers(part_bytes=part, in_flight=1, stalled_below=64 * 2**20))
+        with caplog.at_level(logging.WARNING, logger="ckptstore"), pytest.raises(StorageError, match="stalled: 3 tries of 2 s"):
+            mgr.save({"model": {"w": torch.ones(10 * 2**20)}}, step=1)
+    assert stall.fired == 3
+    warned = [r.getMessage() for r in caplog.records if "moved slower" in r.getMessage()]
+    assert [w.rsplit("(", 1)[1] for w in warned] == ["try 1 of 3)", "try 2 of 3)", "try 3 of 3)"]
+    assert all(w.startswith("part 1 of s3://") and " moved slower than 67108864 bytes/s for 2 s " in w for w in warned), warned
+    direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options)
+    assert direct.checkpoints() == [] and direct.incomplete_uploads() == []
+
+
 def test_an_abort_that_fails_leaves_the_save_s_own_error_and_a_warning(remote_store, slow_link, caplog):
     """Part 3 is refused for good and the abort is refused too: the save raises the part's error
     (not the abort's), the warning names the upload left behind, and a later save clears it."""
