@@ -97,13 +97,18 @@ def with_defaults(protocol: str, options: dict[str, Any], transfers: Transfers |
     transfers.stalled_below`` seconds (271 s by default): aiohttp's read timeout starts once a
     body is sent, so without it a server that stops reading mid-chunk would hold an upload
     forever (S3 parts get their own, tighter bound in :mod:`ckptstore.multipart`).
+
+    On S3, ``max_concurrency=1`` too: with more, s3fs asks for an object's size (a HEAD, one
+    more round trip) before every whole read, to split it into parts, and every manifest is a
+    whole read of a few hundred bytes. Large reads and uploads are ckptstore's own, concurrent
+    as ``transfers`` says.
     """
     if protocol in _S3:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         config.setdefault("read_timeout", READ_TIMEOUT_S)
         config.setdefault("retries", {"total_max_attempts": S3_BOTOCORE_ATTEMPTS})
-        return {**options, "config_kwargs": config}
+        return {"max_concurrency": 1, **options, "config_kwargs": config}
     if protocol in _GCS and options.get("requests_timeout") is None:
         import aiohttp  # gcsfs's own HTTP client
 

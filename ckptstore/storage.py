@@ -204,10 +204,8 @@ class FsspecStorage:
         """Read ``path``, or its half-open byte range ``[start, end)``."""
         if start is not None and end is not None and end <= start:
             return b""  # S3 answers an empty range with the whole object
-        # s3fs asks for the size first (a HEAD: one more round trip) to split a whole read into concurrent parts
-        whole = {"max_concurrency": 1} if start is None and end is None and hasattr(self.fs, "call_s3") else {}
         with self._errors("read", path):
-            return bytes(self.fs.cat_file(self._full(path), start=start, end=end, **whole))
+            return bytes(self.fs.cat_file(self._full(path), start=start, end=end))
 
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read several half-open ranges of one file, concurrently where the store can."""

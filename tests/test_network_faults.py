@@ -83,6 +83,8 @@ def test_the_defaults_bound_every_request_and_the_callers_options_win(remote_sto
         mine = {**remote_store.storage_options, "config_kwargs": {"read_timeout": 60, "retries": {"mode": "standard"}}}
         config = CheckpointManager(remote_store.url, storage_options=mine).storage.fs.config_kwargs
         assert (config["connect_timeout"], config["read_timeout"], config["retries"]) == (5, 60, {"mode": "standard"})
+        assert fs.max_concurrency == 1  # no HEAD before each whole read (see test_transfers.py)
+        assert CheckpointManager(remote_store.url, storage_options={**mine, "max_concurrency": 8}).storage.fs.max_concurrency == 8
     else:
         assert fs.requests_timeout == aiohttp.ClientTimeout(total=15.0 + 256.0, sock_connect=5.0, sock_read=15.0)
         mine = {**remote_store.storage_options, "requests_timeout": 120}

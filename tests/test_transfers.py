@@ -113,6 +113,19 @@ def test_a_partial_load_plans_in_one_round_trip_after_the_manifest(remote_store,
     assert len(byte_reads(later)) == len(ranged), later
 
 
+def test_a_fresh_manager_restores_with_one_get_per_manifest_and_no_head(remote_store, slow_link):
+    """On restart a manager lists the root and reads every manifest: each read is one GET (s3fs
+    would otherwise ask for the size first, a HEAD: one more round trip per checkpoint)."""
+    direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options, keep_last=3)
+    for step in (1, 2, 3):
+        direct.save({"model": {"w": torch.full((4,), float(step))}}, step=step)
+    state = CheckpointManager(remote_store.url, storage_options=through(remote_store, slow_link)).restore()
+    assert state["model"]["w"].tolist() == [3.0] * 4
+    log = [(m, unquote(t)) for m, t, _ in slow_link.stats.log]
+    manifests = [m for m, t in log if "manifest.json" in t]
+    assert manifests == ["GET"] * 3, log
+
+
 def test_a_part_that_fails_for_good_aborts_the_upload_and_commits_nothing(remote_store, slow_link):
     if remote_store.kind != "s3":
         pytest.skip("only S3 uploads parts concurrently")
