@@ -452,7 +452,7 @@ def _transfer(transfer: Transfer, selected: list[tuple[SourceTensor | RebuiltSou
     if composed:  # first: one that cannot be copied in place raises before any dense bytes land
         for value, (whole, k) in zip(rebuilt.fetch(transfer, [src for src, _ in composed]), composed):
             live = targets[k]
-            rebuilt.land(value, whole, k, live, torch.device(device) if device is not None else live.device)
+            rebuilt.land(value, whole, k, live)
     for src, k in selected:
         if isinstance(src, RebuiltSource):
             continue

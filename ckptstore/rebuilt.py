@@ -74,8 +74,9 @@ def fetch(transfer: Transfer, sources: list[RebuiltSource]) -> list[torch.Tensor
     return [source.ref.build(buffers, f"{transfer.where} ({source.key})") for source in sources]
 
 
-def land(value: torch.Tensor, source: RebuiltSource, key: str, live: torch.Tensor, device: torch.device) -> None:
-    """Copy a rebuilt tensor into ``live`` in place, or say loudly why torch cannot.
+def land(value: torch.Tensor, source: RebuiltSource, key: str, live: torch.Tensor) -> None:
+    """Copy a rebuilt tensor into ``live`` in place (``copy_`` moves it to ``live``'s device), or
+    say loudly why torch cannot.
 
     Raises:
         StateMismatchError: the target cannot take it in place (a dense target for a sparse
@@ -83,7 +84,7 @@ def land(value: torch.Tensor, source: RebuiltSource, key: str, live: torch.Tenso
     """
     try:
         with torch.no_grad():
-            live.copy_(value.to(device))
+            live.copy_(value)
     except RuntimeError as err:
         raise StateMismatchError(
             f"{key}: the file holds a {source.layout} {source.dtype} tensor, which cannot be copied into the target's "

@@ -275,6 +275,40 @@ def test_a_sharded_load_honours_strict_and_the_key_map(store, kind):
     assert report.loaded == ["block.weight"] and torch.equal(renamed["block.weight"], everything["layer.1.weight"])
 
 
+def test_a_sharded_load_takes_the_key_device_and_strict_dtype_as_a_file_does(store):
+    """Shards whose names are nested (``model/a``): ``key`` picks the entry, ``device`` where the
+    tensors go, ``strict_dtype`` refuses a cast; as for a single file."""
+    files = {"s-00001-of-00002.safetensors": {"model/a": torch.arange(4.0), "opt/x": torch.ones(2)},
+             "s-00002-of-00002.safetensors": {"model/b": torch.ones(3, dtype=torch.float16)}}
+    for name, part in files.items():
+        put(store, f"nested/{name}", safetensors.torch.save(part))
+    index = {"weight_map": {k: name for name, part in files.items() for k in part}}
+    put(store, "nested/s.safetensors.index.json", json.dumps(index).encode())
+    opts, url = store.storage_options, store.join("nested")
+    target = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    report = ckptstore.load_partial(url, target, key="model", storage_options=opts)
+    assert report.loaded == ["a", "b"] and report.cast == {"b": (torch.float16, torch.float32)}
+    assert torch.equal(target["a"], torch.arange(4.0)) and torch.equal(target["b"], torch.ones(3))
+    with pytest.raises(StateMismatchError, match="strict_dtype"):
+        ckptstore.load_partial(url, {"b": torch.zeros(3)}, key="model", strict_dtype=True, storage_options=opts)
+    on_meta = {"a": torch.zeros(4)}
+    ckptstore.load_partial(url, on_meta, key="model", device="meta", storage_options=opts)
+    assert on_meta["a"].device.type == "meta"
+
+
+def test_describe_of_shards_refuses_a_pickled_object_unless_trusted(store):
+    """A shard whose pickle holds an object beyond what ``torch.load(weights_only=True)`` allows
+    is refused by describe, as a single file is; trusted, its tensors are listed."""
+    import datetime
+
+    put(store, "unsafe/pytorch_model-00001-of-00001.bin", torch_bytes({"w": torch.ones(2), "when": datetime.date(2020, 1, 1)}))
+    put(store, "unsafe/pytorch_model.bin.index.json",
+        json.dumps({"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}).encode())
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        describe(store.join("unsafe"), store.storage_options)
+    assert [t["name"] for t in describe(store.join("unsafe"), store.storage_options, weights_only=False)["tensors"]] == ["w"]
+
+
 def test_a_shard_index_that_points_outside_its_folder_is_refused(store):
     url = put(store, "evil/model.safetensors.index.json", json.dumps({"weight_map": {"w": "../secret.safetensors"}}).encode())
     with pytest.raises(CorruptCheckpointError, match="not a file beside it"):
@@ -549,3 +583,10 @@ def test_storage_options_reach_every_file_that_save_verify_and_load_open(locked_
     assert same(ckptstore.load(store.join("hf/model.safetensors.index.json"), storage_options=opts), everything)
     with pytest.raises(StorageError, match="lockedmem:// takes storage_options"):
         ckptstore.load(url)  # the options are what open the store
+    # a checkpoint folder and a sharded folder, planned: the manifest probe and the file beside it
+    info = ckptstore.CheckpointManager(store.join("ck"), storage_options=opts).save({"model": STATE}, step=1)
+    for where in (info.url, store.join("hf")):
+        assert describe(where, opts)["tensors"]
+    target = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    assert ckptstore.load_partial(info.url, target, storage_options=opts).loaded == ["b", "w"]
+    assert ckptstore.load_partial(store.join("hf"), {"head.weight": torch.zeros(4, 16)}, storage_options=opts).loaded

@@ -8,6 +8,8 @@ once and needs no second copy of the state in memory.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 
 import pytest
@@ -529,3 +531,81 @@ def test_a_mismatch_inside_nested_containers_names_its_full_path(store, fmt):
     mgr.save({"ema": {"shadow": {"w": torch.ones(3)}}}, step=0)
     with pytest.raises(StateMismatchError, match=r"^state\['ema'\]\['shadow'\]\['w'\] has shape \(4,\)"):
         mgr.restore({"ema": {"shadow": {"w": torch.zeros(4)}}})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_restore_checkpoint_is_strict_by_default(store, fmt):
+    """Called without ``strict``, restore_checkpoint refuses a target entry the checkpoint lacks, before anything changes."""
+    mgr = manager(store, fmt)
+    info = mgr.save({"w": torch.ones(3)}, step=0)
+    w, ema = torch.zeros(3), torch.zeros(2)
+    with pytest.raises(StateMismatchError, match=r"holds no \['ema'\]"):
+        restore_checkpoint(mgr.storage, info, {"w": w, "ema": ema})
+    assert not w.any() and not ema.any()
+
+
+@pytest.mark.parametrize("content", [[torch.ones(2), 3], [torch.sparse_coo_tensor([[0]], [1.0], (2,), check_invariants=True)]],
+                         ids=["planned", "read-whole"])
+def test_a_checkpoint_whose_state_is_not_a_dict_names_what_it_holds(store, content):
+    """A data file whose top-level object is a list (not a state dict) is corrupt, and the error names its type and URL."""
+    import crc32c
+
+    mgr = manager(store, "torch")
+    info = mgr.save({"w": torch.ones(2)}, step=1)
+    buf = io.BytesIO()
+    torch.save(content, buf)
+    data = buf.getvalue()
+    storage = open_storage(info.url, store.storage_options)
+    manifest = json.loads(storage.read("manifest.json"))
+    manifest["files"][0].update(size=len(data), crc32c=f"{crc32c.crc32c(data):08x}")
+    with storage.open_write(info.files[0].path) as f:
+        f.write(data)
+    storage.fs.pipe_file(storage._full("manifest.json"), json.dumps(manifest).encode())
+    w = torch.zeros(2)
+    with pytest.raises(CorruptCheckpointError) as err:
+        mgr.restore({"w": w}, which=1)
+    assert str(err.value) == f"{info.url} holds a list, not a state dict"
+    assert not w.any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_mismatch_inside_a_list_names_its_full_path(store, fmt):
+    """A shape mismatch in a list of tensors names the list index in the path to the live tensor."""
+    mgr = manager(store, fmt)
+    mgr.save({"ema": {"shadows": [torch.ones(2), torch.ones(3)]}}, step=0)
+    first = torch.zeros(2)
+    with pytest.raises(StateMismatchError, match=r"^state\['ema'\]\['shadows'\]\[1\] has shape \(4,\), the checkpoint's"):
+        mgr.restore({"ema": {"shadows": [first, torch.zeros(4)]}})
+    assert not first.any()
+
+
+class Deferred(torch.optim.Optimizer):
+    """torch's state_dict/load_state_dict; each parameter's ``avg`` starts as an uninitialized
+    (lazy) buffer, replaced by a tensor on the first step."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["avg"] = torch.nn.parameter.UninitializedBuffer()
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if torch.nn.parameter.is_lazy(self.state[p]["avg"]):
+                    self.state[p]["avg"] = torch.zeros_like(p)
+                self.state[p]["avg"].mul_(0.5).add_(p.detach())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_uninitialized_lazy_optimizer_state_is_replaced_by_the_saved_tensors(store, fmt):
+    """Lazy live state has no memory to land bytes in: the saved values replace it, as ``load_state_dict`` would."""
+    trained = Deferred([nn.Parameter(torch.arange(3.0))])
+    trained.step()
+    trained.step()
+    mgr = manager(store, fmt)
+    mgr.save({"optimizer": trained}, step=2)
+    live = Deferred([nn.Parameter(torch.zeros(3))])
+    mgr.restore({"optimizer": live})
+    torch.testing.assert_close(live.state_dict(), trained.state_dict(), rtol=0, atol=0)
+    assert torch.equal(live.state[live.param_groups[0]["params"][0]]["avg"], torch.arange(3.0) * 1.5)
