@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -307,6 +308,25 @@ def test_describe_of_shards_refuses_a_pickled_object_unless_trusted(store):
     with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
         describe(store.join("unsafe"), store.storage_options)
     assert [t["name"] for t in describe(store.join("unsafe"), store.storage_options, weights_only=False)["tensors"]] == ["w"]
+
+
+def test_a_pre_1_6_torch_shard_is_named_as_one_that_cannot_be_planned(store):
+    """A shard written by torch before 1.6 has no index: a partial load says so, with its URL,
+    rather than failing inside zipfile."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf, _use_new_zipfile_serialization=False)
+    put(store, "old/pytorch_model-00001-of-00001.bin", buf.getvalue())
+    put(store, "old/pytorch_model.bin.index.json", json.dumps({"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}).encode())
+    shard = store.join("old/pytorch_model-00001-of-00001.bin")
+    with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(shard)} is a torch file from before torch 1.6: it has no index"):
+        ckptstore.load_partial(store.join("old"), {"w": torch.zeros(2)}, storage_options=store.storage_options)
+    assert torch.equal(ckptstore.load(store.join("old"), storage_options=store.storage_options)["w"], torch.ones(2))
+
+
+def test_a_file_named_with_a_trailing_slash_is_still_that_file(store):
+    url = store.join("slash.safetensors")
+    ckptstore.save(STATE, url, storage_options=store.storage_options)
+    assert same(ckptstore.load(url + "/", storage_options=store.storage_options), STATE)
 
 
 def test_a_shard_index_that_points_outside_its_folder_is_refused(store):

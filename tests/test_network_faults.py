@@ -10,6 +10,7 @@ storage_options, as a user would) so that a stall costs a second, not fifteen.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -150,6 +151,17 @@ def test_a_root_that_is_a_file_the_store_refuses_to_show_is_named_at_once(remote
     with pytest.raises(StorageError, match=r"^cannot reach \S+/root: access denied"):
         CheckpointManager(remote_store.url, storage_options=fast_timeouts(remote_store, proxy))
     assert rule.fired == 1
+
+
+def test_a_delete_the_store_refuses_says_what_it_could_not_delete(remote_store, proxy):
+    """Deleting a checkpoint the store will not let us delete (403): one line naming the file."""
+    direct = CheckpointManager(remote_store.url, storage_options=remote_store.storage_options)
+    info = direct.save(state_of(1), step=1)
+    rule = proxy.add(Rule(Action.STATUS, method="DELETE", target=r"state-", status=403))
+    mgr = CheckpointManager(remote_store.url, storage_options=fast_timeouts(remote_store, proxy))
+    with pytest.raises(StorageError, match=rf"^cannot delete {re.escape(info.url)}/state-[0-9a-f]{{8}}\.\w+: access denied"):
+        mgr.delete(1)
+    assert rule.fired >= 1
 
 
 # ------------------------------------------------------------------------------- the storm

@@ -184,6 +184,16 @@ def test_device_puts_the_loaded_tensors_there_in_the_target_s_dtype(store):
     assert [(t.device.type, t.dtype) for t in target.values()] == [("meta", torch.float32)] * 2
 
 
+def test_a_torch_file_that_cannot_be_planned_is_named_by_its_url(store):
+    """A torch zip whose end was cut off: the error says which file, first."""
+    from ckptstore import CorruptCheckpointError
+
+    url = upload(store, "cut.pt", stock_file("torch", {"w": torch.ones(4)})[:-30])
+    with pytest.raises(CorruptCheckpointError) as raised:
+        load_partial(url, {"w": torch.zeros(4)}, storage_options=store.storage_options)
+    assert str(raised.value) == f"{url} is not a torch zip file: File is not a zip file"
+
+
 def test_dtype_differences_are_cast_and_reported(store):
     source = {"w": torch.randn(8, 8), "v": torch.arange(5.0)[1:4]}  # a view: only its bytes are planned
     url = upload(store, "mixed.pt", stock_file("torch", source))

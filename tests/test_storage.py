@@ -62,6 +62,14 @@ def test_a_range_past_the_end_of_a_file_names_the_file(store):
         storage.read_ranges("short.bin", [(0, 4), (4, 20)])
 
 
+def test_ranges_of_a_missing_file_say_it_does_not_exist(store):
+    from ckptstore import CheckpointNotFound
+
+    storage = open_storage(store.url, store.storage_options)
+    with pytest.raises(CheckpointNotFound, match=r"nope\.bin does not exist$"):
+        storage.read_ranges("nope.bin", [(0, 4), (8, 12)])
+
+
 def test_version_tells_one_write_of_a_file_from_the_next(store):
     """The export record relies on it: same size, same call twice -> same token; a rewrite -> a new one."""
     storage = open_storage(store.url, store.storage_options)

@@ -128,6 +128,8 @@ def test_a_nested_root_sees_its_own_uploads_and_a_missing_bucket_is_named(s3):
     raw.start(f"{raw.prefix}/runs/exp1/step_00000001/state-0a1b2c3d.safetensors", parts=3)
     nested = CheckpointManager(f"{s3.url}/runs/exp1", storage_options=s3.storage_options)
     assert [(u.path, u.parts) for u in nested.incomplete_uploads()] == [("step_00000001/state-0a1b2c3d.safetensors", 3)]
+    CheckpointManager(f"{s3.url}/runs/exp1", storage_options=s3.storage_options, abandoned_after=0).prune()
+    assert raw.keys() == [] and nested.incomplete_uploads() == []  # aborted under its full key
     gone = open_storage(f"s3://no-such-bucket-{raw.bucket}/run", s3.storage_options)
     with pytest.raises(CkptStoreError, match=rf"^s3://no-such-bucket-{raw.bucket}/run does not exist$"):
         gone.incomplete_uploads(older_than=0.0)
