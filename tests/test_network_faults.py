@@ -22,7 +22,7 @@ import torch
 from ckptstore import CheckpointManager, CkptStoreError, StorageError, network
 from ckptstore.storage import open_storage
 from netfault import Action, FaultProxy, Rule
-from test_lost_replies import through, upstream_of
+from test_lost_replies import create_only_rule, through, upstream_of
 
 READ_TIMEOUT_S = 1.0
 PROXY_TIMEOUT = 20.0
@@ -162,6 +162,24 @@ def test_a_delete_the_store_refuses_says_what_it_could_not_delete(remote_store, 
     with pytest.raises(StorageError, match=rf"^cannot delete {re.escape(info.url)}/state-[0-9a-f]{{8}}\.\w+: access denied"):
         mgr.delete(1)
     assert rule.fired >= 1
+
+
+@pytest.mark.parametrize("what", ["write", "read"])
+def test_a_manifest_the_store_refuses_to_write_or_read_is_named(remote_store, proxy, what):
+    """403 on the manifest: the commit (a write) or a fresh manager's listing (a read) fails in
+    one line that names the manifest; nothing is committed by the refused write."""
+    if what == "read":
+        CheckpointManager(remote_store.url, storage_options=remote_store.storage_options).save(state_of(1), step=1)
+    if what == "write":  # the create-only write (see test_lost_replies.py)
+        proxy.add(dataclasses.replace(create_only_rule(remote_store.kind), action=Action.STATUS, status=403))
+    else:
+        proxy.add(Rule(Action.STATUS, method="GET", target=r"manifest\.json", status=403))
+    mgr = CheckpointManager(remote_store.url, storage_options=fast_timeouts(remote_store, proxy))
+    with pytest.raises(StorageError, match=rf"^cannot {what} \S+/step_00000001/manifest\.json: access denied"):
+        mgr.save(state_of(1), step=1) if what == "write" else mgr.checkpoints()
+    proxy.clear()
+    assert [c.step for c in CheckpointManager(remote_store.url, storage_options=remote_store.storage_options).checkpoints()] == (
+        [1] if what == "read" else [])
 
 
 # ------------------------------------------------------------------------------- the storm

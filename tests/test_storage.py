@@ -70,6 +70,28 @@ def test_ranges_of_a_missing_file_say_it_does_not_exist(store):
         storage.read_ranges("nope.bin", [(0, 4), (8, 12)])
 
 
+def test_an_empty_range_is_empty_on_every_store(store):
+    """S3 answers a request for zero bytes with the whole object: an empty range never asks."""
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    storage.write_new("f.bin", b"0123456789")
+    assert storage.read("f.bin", 4, 4) == b"" and storage.read("f.bin", 4, 6) == b"45"
+
+
+@pytest.mark.parametrize("info, expected", [
+    ({"mtime": 5.0, "updated": "2000-01-01T00:00:00Z"}, 5.0),
+    ({"LastModified": __import__("datetime").datetime(2026, 1, 2, tzinfo=__import__("datetime").timezone.utc)}, 1767312000.0),
+    ({"updated": "2026-01-02T00:00:00Z"}, 1767312000.0),
+    ({"created": 7}, 7.0),
+    ({}, 0.0),
+], ids=["local", "s3", "gcs-iso-string", "memory", "unknown"])
+def test_a_listing_entry_s_age_is_read_whatever_the_store_calls_it(info, expected):
+    """Each store names and types the modification time its own way; an unknown one is "old"."""
+    from ckptstore.storage import _mtime
+
+    assert _mtime(info) == expected
+
+
 def test_version_tells_one_write_of_a_file_from_the_next(store):
     """The export record relies on it: same size, same call twice -> same token; a rewrite -> a new one."""
     storage = open_storage(store.url, store.storage_options)
