@@ -92,6 +92,14 @@ def test_a_listing_entry_s_age_is_read_whatever_the_store_calls_it(info, expecte
     assert _mtime(info) == expected
 
 
+def test_the_transfers_asked_for_are_the_ones_used(store):
+    from ckptstore import Transfers
+
+    mine = Transfers(part_bytes=6 * 2**20, in_flight=2)
+    assert open_storage(store.url, store.storage_options, mine).transfers is mine
+    assert open_storage(store.url, store.storage_options).transfers == Transfers()
+
+
 def test_version_tells_one_write_of_a_file_from_the_next(store):
     """The export record relies on it: same size, same call twice -> same token; a rewrite -> a new one."""
     storage = open_storage(store.url, store.storage_options)

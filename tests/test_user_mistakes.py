@@ -209,3 +209,29 @@ def test_an_option_a_strict_filesystem_refuses_is_named_in_one_line():
                                           r"documentation of the strictmem filesystem$"):
         open_storage("strictmem://run", {"blocksize": 4})
     assert open_storage("strictmem://run", {"block_size": 4}).url("a") == "strictmem://run/a"
+
+
+def test_a_filesystem_that_fails_as_it_is_made_is_one_line_naming_the_url():
+    """Some filesystems reach out as they are made (hf://): their failure, whatever its class,
+    becomes one StorageError that says what could not be opened and why."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Unreachable(MemoryFileSystem):
+        protocol = "unreachablemem"
+
+        def __init__(self, **kwargs) -> None:
+            raise ConnectionRefusedError("the registry refused the connection")
+
+    fsspec.register_implementation("unreachablemem", Unreachable, clobber=True)
+    with pytest.raises(StorageError, match=r"^cannot open unreachablemem://run: ConnectionRefusedError: the registry refused"):
+        open_storage("unreachablemem://run", {"skip_instance_cache": True})
+
+
+def test_a_bucket_that_does_not_exist_is_named_when_the_manager_starts(remote_store):
+    """A mistyped bucket fails at once, in words that say which bucket and what to do."""
+    scheme, rest = remote_store.url.split("://", 1)
+    url = f"{scheme}://no-such-{rest}"
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    with pytest.raises(StorageError, match=rf"^bucket '{bucket}' of {re.escape(url)} does not exist; create it or fix the URL$"):
+        CheckpointManager(url, storage_options=remote_store.storage_options)
