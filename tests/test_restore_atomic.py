@@ -317,7 +317,8 @@ def test_a_checkpoint_pruned_mid_restore_is_unusable_and_latest_falls_back(store
         return lambda: trainer.save({**saved[step], "step": step}, step=step, metrics={"loss": 0.9})
 
     fired = prune_at_first_read(monkeypatch, infos[2].files[0].path, save(3))
-    with pytest.raises(CorruptCheckpointError, match="vanished while it was being restored"):
+    data_url = f"{infos[2].url}/{infos[2].files[0].path}"
+    with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(data_url)} vanished while it was being restored"):
         evaluator.restore(live, which=2)
     assert fired and [i.step for i in trainer.checkpoints()] == [1, 3]
     assert_unchanged(live, before)
