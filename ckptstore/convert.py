@@ -38,11 +38,10 @@ from typing import IO, Any, cast
 import crc32c
 import torch
 
-from . import shards
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError, UnsupportedValueError
 from .manifest import CheckpointInfo
-from .partial import LoadReport, Plan, opened, plan, resolve
+from .partial import LoadReport, Plan, locate, opened, plan
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
 from .storage import FsspecStorage, open_parent
@@ -76,8 +75,8 @@ def convert(
         >>> ckptstore.load("memory://doc/convert/w.safetensors")["w"]
         tensor([1., 1.])
     """
-    resolved = resolve(src, storage_options)
-    if resolved[2] is None and shards.find(src, storage_options) is not None:
+    resolved, index = locate(src, storage_options)
+    if index is not None:
         raise ConfigError(f"{os.fspath(src)} is a sharded checkpoint; convert its shards one by one (each is a file), "
                           "or ckptstore.load it whole and ckptstore.save the result")
     out_storage, out_name = open_parent(dst, storage_options)

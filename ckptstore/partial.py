@@ -133,8 +133,7 @@ def load_partial(
     """
     report = LoadReport()
     targets = _target_tensors(target)
-    resolved = resolve(url, storage_options)
-    index = shards.find(url, storage_options) if resolved[2] is None else None
+    resolved, index = locate(url, storage_options)
     if index is not None:
         return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer,
                              weights_only)
@@ -224,8 +223,7 @@ def describe(
         [{'name': 'w', 'dtype': 'float32', 'shape': [2, 3], 'bytes': 24}]
     """
     report = LoadReport()
-    resolved = resolve(url, storage_options)
-    index = shards.find(url, storage_options) if resolved[2] is None else None
+    resolved, index = locate(url, storage_options)
     if index is not None:  # every shard's header: a sharded file's tensors, and no other values
         sources = {k: v for shard in index.shards
                    for k, v in plan(index.storage, shard, report, weights_only=weights_only).tensors().items()}
@@ -273,8 +271,7 @@ def opened(resolved: Resolved, report: LoadReport) -> Iterator[Opened]:
     before 1.6 (no index) is read whole and planned from a temporary zip (see :mod:`ckptstore.legacy`)."""
     storage, name, info = resolved
     size = info.files[0].size if info is not None else storage.size(name)  # the manifest knows it: no request
-    maybe_torch = info.format == "torch" if info is not None else not name.endswith(".safetensors")
-    head, tail = _read_edges(storage, name, size, report, maybe_torch)
+    head, tail = _read_edges(storage, name, size, report, maybe_torch=_maybe_torch(name, info))
     if file_format(head, storage.url(name)) != "torch-legacy":
         yield Opened(storage, name, info, size, head, tail)
         return
@@ -301,6 +298,13 @@ def resolve(url: str | os.PathLike[str], storage_options: dict[str, Any] | None)
     return folder, info.files[0].path, info
 
 
+def locate(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Resolved, shards.ShardIndex | None]:
+    """:func:`resolve` ``url``, and the shard index it names when it is no checkpoint folder
+    (a folder whose manifest was read is not listed for one)."""
+    resolved = resolve(url, storage_options)
+    return resolved, shards.find(url, storage_options) if resolved[2] is None else None
+
+
 def plan(
     storage: FsspecStorage, name: str, counter: ReadCounter, size: int | None = None, *,
     head: bytes | None = None, tail: bytes | None = None, weights_only: bool = True,
@@ -317,8 +321,8 @@ def plan(
     """
     size = storage.size(name) if size is None else size
     where = storage.url(name)
-    if head is None:
-        head = _read(storage, name, 0, min(HEAD_BYTES, size), counter)  # length prefix and, usually, the header
+    if head is None:  # the length prefix and, usually, the header; with a torch zip's directory on a remote store
+        head, tail = _read_edges(storage, name, size, counter, maybe_torch=_maybe_torch(name, None))
     kind = file_format(head, where)
     if kind == "torch-legacy":
         raise CorruptCheckpointError(f"{where} is a torch file from before torch 1.6: it has no index to plan from")
@@ -345,7 +349,7 @@ def _plan_torch(storage: FsspecStorage, name: str, size: int, head: bytes, tail:
     and, on remote stores, the tail (:class:`~ckptstore.rangefile.RangeFile`), not a request each.
     A caller that has no tail yet costs one more request here."""
     if tail is None and storage.local_path(name) is None:  # a local read costs no round trip: read what zipfile asks
-        tail = _read(storage, name, max(len(head), size - TAIL_BYTES), size, counter)
+        tail = _read(storage, name, _tail_start(len(head), size), size, counter)
     f = RangeFile(storage, name, size, head=head, tail=tail or b"")
     refs, header_offsets, obj = read_plan(f, where, trusted)  # type: ignore[arg-type]
     counter.bytes_read += f.bytes_read
@@ -428,11 +432,23 @@ def _read(storage: FsspecStorage, name: str, start: int, end: int, counter: Read
     return data
 
 
-def _read_edges(storage: FsspecStorage, name: str, size: int, counter: ReadCounter, maybe_torch: bool) -> tuple[bytes, bytes | None]:
+def _maybe_torch(name: str, info: CheckpointInfo | None) -> bool:
+    """Whether ``name`` may be a torch zip, before its first bytes say: the manifest's format,
+    else anything not named ``.safetensors`` (a wrong guess costs a 64 KiB read in parallel)."""
+    return info.format == "torch" if info is not None else not name.endswith(".safetensors")
+
+
+def _tail_start(head_end: int, size: int) -> int:
+    """Where the last ``TAIL_BYTES`` (a torch zip's end record and directory) begin, past the head."""
+    return max(head_end, size - TAIL_BYTES)
+
+
+def _read_edges(storage: FsspecStorage, name: str, size: int, counter: ReadCounter, *,
+                maybe_torch: bool) -> tuple[bytes, bytes | None]:
     """The file's first ``HEAD_BYTES`` and, for what may be a torch zip on a remote store, its last
     ``TAIL_BYTES`` (the zip's directory) too, both in one round trip (None: not fetched)."""
     head_end = min(HEAD_BYTES, size)
-    tail_start = max(head_end, size - TAIL_BYTES)
+    tail_start = _tail_start(head_end, size)
     if not maybe_torch or tail_start >= size or storage.local_path(name) is not None:
         return _read(storage, name, 0, head_end, counter), None
     head, tail = storage.read_ranges(name, [(0, head_end), (tail_start, size)])

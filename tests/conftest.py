@@ -299,3 +299,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             os.environ.pop(_GCSFS_FLAG, None)
         else:
             os.environ[_GCSFS_FLAG] = old
+
+
+@pytest.fixture
+def storage_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every ``FsspecStorage.read`` the test makes, in order (a spy: the reads happen)."""
+    from ckptstore.storage import FsspecStorage
+
+    sizes: list[int] = []
+    real_read = FsspecStorage.read
+
+    def counted(self: FsspecStorage, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        data = real_read(self, path, start, end)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(FsspecStorage, "read", counted)
+    return sizes

@@ -129,21 +129,13 @@ def test_same_format_is_a_byte_copy(tmp_path, store):
     assert read_back(store, "copy.pt") == (tmp_path / "a.pt").read_bytes()
 
 
-def test_small_tensors_cost_no_request_each(store, monkeypatch):
+def test_small_tensors_cost_no_request_each(store, storage_reads):
     """The source is read in 16 MiB blocks: 300 small tensors take a handful of reads, not 300+."""
-    from ckptstore.storage import FsspecStorage
-
     state = {f"layer{i}.weight": torch.randn(64) for i in range(300)}
     src = store.join("many.pt")
     ckptstore.save(state, src, storage_options=store.storage_options)
-    reads: list[tuple[int | None, int | None]] = []
-    real_read = FsspecStorage.read
-
-    def counted(self, path, start=None, end=None):
-        reads.append((start, end))
-        return real_read(self, path, start, end)
-
-    monkeypatch.setattr(FsspecStorage, "read", counted)  # counts, and still reads for real
+    storage_reads.clear()  # the reads of the conversion alone
+    reads = storage_reads
     convert(src, store.join("many.safetensors"), storage_options=store.storage_options)
     # the format sniff, the planner's head read, the zip directory (one tail read on remote stores, zipfile's
     # few exact reads on a local disk, where a read costs no round trip) and the data blocks
@@ -152,21 +144,11 @@ def test_small_tensors_cost_no_request_each(store, monkeypatch):
     assert all(torch.equal(got[k], v) for k, v in state.items())
 
 
-def test_every_source_byte_is_fetched_once(tmp_path, monkeypatch):
+def test_every_source_byte_is_fetched_once(tmp_path, storage_reads):
     """Blocks are aligned, so tensors that straddle them cost no re-reads."""
-    from ckptstore.storage import FsspecStorage
-
     state = {f"t{i}": torch.randn(int(CHUNK_BYTES / 4 * 0.7)) for i in range(4)}  # 0.7 blocks each
     torch.save(state, tmp_path / "a.pt")
-    fetched: list[int] = []
-    real_read = FsspecStorage.read
-
-    def counted(self, path, start=None, end=None):
-        data = real_read(self, path, start, end)
-        fetched.append(len(data))
-        return data
-
-    monkeypatch.setattr(FsspecStorage, "read", counted)
+    fetched = storage_reads
     convert(tmp_path / "a.pt", tmp_path / "a.safetensors")
     size = (tmp_path / "a.pt").stat().st_size
     # on top: the planner's head read, the format sniff (16 bytes), zipfile's reads of the end record,

@@ -16,7 +16,7 @@ import torch
 
 from ckptstore import CheckpointManager, CorruptCheckpointError, files
 from ckptstore.serializers import ChecksumReader, SafetensorsFormat, Source, read_checked
-from ckptstore.storage import FsspecStorage, open_parent, open_storage
+from ckptstore.storage import open_parent, open_storage
 from test_foreign_files import put
 
 
@@ -168,19 +168,12 @@ def test_verify_of_a_single_file_checks_each_torch_record_and_each_safetensors_h
         assert str(err.value) == message.format(url=url)
 
 
-def test_verify_reads_a_safetensors_header_and_load_sniffs_only_the_first_bytes(store, monkeypatch):
+def test_verify_reads_a_safetensors_header_and_load_sniffs_only_the_first_bytes(store, storage_reads):
     """A safetensors file has no checksum to compute: its prefix and header are all verify reads.
     load finds the format from a few bytes, then streams the tensors once (not through ``read``)."""
     url = put(store, "big.safetensors", safetensors.torch.save({"w": torch.zeros(2**16)}))
-    read: list[int] = []
-    original = FsspecStorage.read
-
-    def counted(self, path, start=None, end=None):
-        data = original(self, path, start, end)
-        read.append(len(data))
-        return data
-
-    monkeypatch.setattr(FsspecStorage, "read", counted)
+    read = storage_reads
+    read.clear()  # verify's reads alone
     files.verify(url, storage_options=store.storage_options)
     assert 0 < sum(read) < 1000  # the 256 KiB of tensor data stay unread
     read.clear()
