@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_an_empty_range_is_empty_on_every_store(store):
 
 @pytest.mark.parametrize("info, expected", [
     ({"mtime": 5.0, "updated": "2000-01-01T00:00:00Z"}, 5.0),
-    ({"LastModified": __import__("datetime").datetime(2026, 1, 2, tzinfo=__import__("datetime").timezone.utc)}, 1767312000.0),
+    ({"LastModified": datetime(2026, 1, 2, tzinfo=timezone.utc)}, 1767312000.0),
     ({"updated": "2026-01-02T00:00:00Z"}, 1767312000.0),
     ({"created": 7}, 7.0),
     ({}, 0.0),
