@@ -56,34 +56,50 @@ def write_checkpoint(
     The caller checks for a committed ``name`` first (one listing); the create-only manifest
     write settles any race after that check.
     """
-    manifest_path = f"{name}/{MANIFEST_NAME}"
-    data_name = f"state-{uuid.uuid4().hex[:8]}{fmt.extension}"
-    data_path = f"{name}/{data_name}"
+    data_name = f"state-{new_token()}{fmt.extension}"
     size_hint = sum(t.numel() * t.element_size() for t in iter_tensors(tree))
-    with storage.open_write(data_path, size_hint) as raw:
+    with storage.open_write(f"{name}/{data_name}", size_hint) as raw:
         out = ChecksumWriter(raw)
         fmt.write(tree, out)
     info = CheckpointInfo(
         name=name, step=step, format=fmt.name, metrics=dict(metrics),
         files=(FileEntry(data_name, out.size, out.crc),), url=storage.url(name), monitor=monitor,
     )
+    return commit_manifest(storage, info)
+
+
+def new_token() -> str:
+    """A save's random token: its data files are named after it, so two writers of one step never share a file."""
+    return uuid.uuid4().hex[:8]
+
+
+def commit_manifest(storage: FsspecStorage, info: CheckpointInfo) -> CheckpointInfo:
+    """Commit the data files ``info`` lists (written already) by writing its manifest, create-only.
+
+    Raises CheckpointExists (another writer committed first: this one's data files are
+    deleted) or StorageError (not committed: the files are an unfinished save, removed once idle).
+    """
+    name = info.name
+    manifest_path = f"{name}/{MANIFEST_NAME}"
     try:
         storage.write_new(manifest_path, info.to_json())
     except FileExistsError as err:
         there = _read_if_present(storage, manifest_path)
-        if there is None or not _names_our_file(there, info.files[0]):
-            storage.delete(data_path)
+        if there is None or not _names_our_files(there, info.files):
+            for entry in info.files:
+                storage.delete(f"{name}/{entry.path}")
             raise _refused(storage, name, there) from err
         log.info("%s: the manifest write's reply was lost; the manifest there is ours, so the commit stands", info.url)
     except StorageError:  # it may have happened with its reply lost: look before giving up
         there = _read_if_present(storage, manifest_path)
-        if there is None or not _names_our_file(there, info.files[0]):
-            raise  # not committed; the data file is an unfinished save, removed once idle
+        if there is None or not _names_our_files(there, info.files):
+            raise  # not committed; the data files are an unfinished save, removed once idle
         log.info("%s: the manifest write failed after it was stored; the manifest there is ours", info.url)
-    if not storage.exists(data_path):  # removed under us by a concurrent cleanup
-        delete_manifest_if(storage, name, lambda data: _names_our_file(data, info.files[0]))
+    if not all(storage.exists(f"{name}/{entry.path}") for entry in info.files):  # removed under us by a concurrent cleanup
+        delete_manifest_if(storage, name, lambda data: _names_our_files(data, info.files))
         raise StorageError(
-            f"{storage.url(name)}: the data file vanished while committing (another process cleaned the "
+            f"{storage.url(name)}: {'the' if len(info.files) == 1 else 'a'} data file vanished while committing "
+            "(another process cleaned the "
             "folder); the checkpoint was un-committed. Do not let two jobs write the same root"
         )
     return info
@@ -123,9 +139,10 @@ def _read_if_present(storage: FsspecStorage, path: str) -> bytes | None:
         return None
 
 
-def _names_our_file(manifest: bytes, ours: FileEntry) -> bool:
+def _names_our_files(manifest: bytes, ours: tuple[FileEntry, ...]) -> bool:
+    """True if ``manifest`` lists exactly the data files ``ours`` (names with a random token, sizes, CRC32C)."""
     try:
-        return ours in CheckpointInfo.from_json(manifest, url="").files
+        return set(ours) == set(CheckpointInfo.from_json(manifest, url="").files)
     except CorruptCheckpointError:
         return False
 
@@ -209,7 +226,7 @@ def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
 
 def delete_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
     """Un-commit ``info`` (manifest first, atomically), then delete exactly the files it lists."""
-    delete_manifest_if(storage, info.name, lambda data: _names_our_file(data, info.files[0]))
+    delete_manifest_if(storage, info.name, lambda data: _names_our_files(data, info.files))
     for entry in info.files:
         storage.delete(f"{info.name}/{entry.path}")
     storage.remove_folder(info.name)

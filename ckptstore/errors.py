@@ -14,6 +14,7 @@ caller's code keeps working::
         ├── ConfigError             (ValueError)          an option out of range or unknown
         ├── StateMismatchError      (ValueError)          a saved value does not fit the target
         ├── StorageError            (OSError)             the store refused: bucket, creds, disk
+        ├── RankError               (RuntimeError)        another rank of the job failed or died
         └── MissingDependency       (ImportError)         an optional extra is not installed
 
 Messages say what went wrong, where, and what to do about it.
@@ -60,6 +61,10 @@ class StateMismatchError(CkptStoreError, ValueError):
 
 class StorageError(CkptStoreError, OSError):
     """The store refused an operation: missing bucket, bad credentials, full disk, ..."""
+
+
+class RankError(CkptStoreError, RuntimeError):
+    """Another rank of a ``torch.distributed`` job failed, died or did not answer in time."""
 
 
 class MissingDependency(CkptStoreError, ImportError):

@@ -8,6 +8,7 @@ memory of past saves: every decision is made from what the root holds, so a rest
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -18,21 +19,23 @@ from typing import Any, Literal, overload
 
 import torch
 
-from . import arguments, cleanup, commit, retention
+from . import arguments, cleanup, commit, retention, sharded
 from .background import BackgroundSaver, SaveHandle
 from .errors import (
     CheckpointNotFound,
     CkptStoreError,
     ConfigError,
     CorruptCheckpointError,
+    RankError,
     StorageError,
 )
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
-from .manifest import MANIFEST_NAME, CheckpointInfo
+from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
 from .network import Transfers
 from .partial import LoadReport, load_partial
 from .preemption import PreemptionWatcher
+from .ranks import Ranks
 from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
 from .scan import KnownManifests, Scan, scan
@@ -66,6 +69,18 @@ class CheckpointManager:
         save_interval_steps, save_interval_seconds: when :meth:`should_save` says yes (see there).
         transfers: parts and ranges of one file in flight at once on S3/GCS, and their size
             (:class:`ckptstore.Transfers`; default 4 of 8 MiB).
+        rank_timeout: in a ``torch.distributed`` job, seconds a rank waits for the others at each
+            step of a save or restore before it raises :class:`RankError` (see below).
+
+    **In a torch.distributed job** (initialized before the manager is made) every rank runs
+    the same code and makes the same calls: ``save``, ``restore``, ``prune``, ``delete`` and,
+    with a time interval or a preemption watcher, ``should_save`` and ``reached_preemption`` are
+    collective. Rank 0 lists, commits, prunes and exports; every rank returns the same result
+    or raises. Replicated state (DDP) is written once, by rank 0; state that holds DTensors
+    (FSDP2, ``distribute_tensor``) is written by every rank at once through
+    ``torch.distributed.checkpoint`` and restores on any world size (:mod:`ckptstore.sharded`).
+    ``listing``, ``checkpoints``, ``latest``, ``best`` and ``verify`` read the store from the
+    calling rank alone.
 
     A manager is a context manager: leaving the ``with`` block waits for a background save
     (``save(..., blocking=False)``) and raises its failure.
@@ -95,6 +110,7 @@ class CheckpointManager:
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         transfers: Transfers | None = None,
+        rank_timeout: float = 600.0,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
         self.format = get_format(format)
@@ -110,8 +126,10 @@ class CheckpointManager:
         self.abandoned_after = abandoned_after
         self.storage_options = storage_options
         self.storage = open_storage(root, storage_options, transfers)
-        self.storage.check_bucket()
-        self.storage.check_not_a_file()
+        timeout = arguments.optional_positive("rank_timeout", rank_timeout, float)
+        self._ranks = Ranks.current(timeout)
+        self._agreement = Ranks.current(timeout)  # should_save's own group: it runs beside a background save's
+        self._ranks.on_leader(self._check_root)
         self._known = KnownManifests()
         self._export = BestExport(self.storage, export_best, export_key, monitor, mode, self._known) if export_best and monitor else None
         self._idle = cleanup.IdleClock()
@@ -123,6 +141,10 @@ class CheckpointManager:
         self._created = time.monotonic()
         self._preemption: PreemptionWatcher | None = None
         self._last_save: tuple[int, float] | None = None  # (step, monotonic time) of this manager's last save
+
+    def _check_root(self) -> None:
+        self.storage.check_bucket()
+        self.storage.check_not_a_file()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -186,7 +208,9 @@ class CheckpointManager:
         True when ``step`` is a multiple of ``save_interval_steps``, or ``save_interval_seconds``
         have passed since this manager's last save (or its creation), or a preemption notice
         has arrived (:meth:`watch_preemption`); with no interval set, every step. Never for a
-        step at or below the last one this manager saved. No I/O: cheap on every step.
+        step at or below the last one this manager saved. No I/O: cheap on every step. In a
+        distributed job the ranks agree (one small all-reduce, only when a time interval or a
+        preemption watcher is set): if any rank says yes, every rank does.
 
         Example:
             >>> mgr = CheckpointManager("memory://doc/should_save", save_interval_steps=100)
@@ -197,13 +221,13 @@ class CheckpointManager:
         last_step, last_time = self._last_save if self._last_save is not None else (-1, self._created)
         if step <= last_step:
             return False
-        if self.preemption_notice is not None:
-            return True
+        by_clock = self.preemption_notice is not None or (
+            self.save_interval_seconds is not None and time.monotonic() - last_time >= self.save_interval_seconds)
+        if self._preemption is not None or self.save_interval_seconds is not None:  # clocks and signals differ by rank
+            by_clock = self._agreement.any(by_clock)
         if self.save_interval_steps is None and self.save_interval_seconds is None:
             return True
-        by_steps = self.save_interval_steps is not None and step % self.save_interval_steps == 0
-        by_time = self.save_interval_seconds is not None and time.monotonic() - last_time >= self.save_interval_seconds
-        return by_steps or by_time
+        return by_clock or (self.save_interval_steps is not None and step % self.save_interval_steps == 0)
 
     def watch_preemption(
         self, signals: Sequence[signal.Signals] = (signal.SIGTERM,), clouds: Sequence[str] = ("aws", "gcp", "azure"),
@@ -235,10 +259,13 @@ class CheckpointManager:
     def reached_preemption(self, step: int) -> bool:
         """True once a preemption notice has arrived: save ``step`` now (blocking) and exit.
 
+        In a distributed job it is collective: a notice on any rank (a spot notice reaches one
+        node) is a notice on every rank.
+
         Example: ``if mgr.reached_preemption(step): mgr.save(state, step); sys.exit(0)``.
         """
         arguments.step(step)
-        return self.preemption_notice is not None
+        return self._agreement.any(self.preemption_notice is not None)
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any; raise its failure if ``result()`` did not."""
@@ -287,16 +314,70 @@ class CheckpointManager:
         name = arguments.checkpoint_name(name or f"step_{step:08d}")
         values = arguments.metrics(metrics or {}, self.policy.monitor, step)
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
+        is_sharded = sharded.holds_dtensors(tree)
+        if is_sharded:
+            tree = canonicalize(sharded.model_and_optimizers(state)[0])
+        self._agree_on_save(step, name, is_sharded)
         if self._export is not None:
+            if is_sharded:
+                raise ConfigError("`export_best` needs the whole model on one rank; it does not export sharded (DTensor) state")
             weights_to_export(tree, self.export_key)
         self._last_save = (step, time.monotonic())
+        write = self._write_sharded if is_sharded else self._write_replicated
         if blocking:
-            return self._write(tree, step, name, values, allow_older)
-        frozen = [snapshot(tree)]  # taken by the save: nothing it leaves behind (a traceback) keeps the copy alive
-        return self._background.submit(step, lambda: self._write(frozen.pop(), step, name, values, allow_older))
+            return write(tree, step, name, values, allow_older)
+        # a host copy of what this rank writes (nothing on the ranks that wait for rank 0), taken by the save:
+        # nothing it leaves behind (a traceback) keeps the copy alive
+        frozen = [snapshot(tree) if is_sharded or self._ranks.leader else None]
+        return self._background.submit(step, lambda: write(frozen.pop(), step, name, values, allow_older))
+
+    def _agree_on_save(self, step: int, name: str, is_sharded: bool) -> None:
+        """Every rank saves the same step under the same name, all sharded or none (one all-gather)."""
+        plans = self._ranks.gather((step, name, is_sharded))
+        if len(set(plans)) > 1:
+            raise ConfigError("the ranks disagree on what to save (step, name, sharded): " + ", ".join(
+                f"rank {r}: {p}" for r, p in enumerate(plans)) + "; every rank must call save() with the same step")
+
+    def _write_replicated(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
+        """Rank 0 writes and commits; every rank returns what it committed (or raises why not)."""
+        # a partial, not a lambda: a failure's traceback keeps a lambda's frame, and with it the closure holding the tree
+        return self._ranks.on_leader(functools.partial(self._write, tree, step, name, values, allow_older))
 
     def _write(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
         """Commit ``tree`` as ``name`` and apply retention (in the caller's thread or the background one)."""
+        found = self._prepare(step, name, allow_older)
+        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, self.policy.ranks_by)
+        return self._after_commit(found, info, tree)
+
+    def _write_sharded(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
+        """Every rank writes its shards at once; rank 0 gathers their sizes and CRC32C and commits them all."""
+        prepared: list[Scan] = []  # the root as rank 0 listed it, for retention after the commit
+
+        def prepare() -> str:
+            prepared.append(self._prepare(step, name, allow_older))
+            return commit.new_token()
+
+        token = self._ranks.on_leader(prepare)
+        error: Exception | None = None
+        written: dict[str, tuple[int, int]] = {}
+        try:
+            written = sharded.write_shards(self.storage, name, token, tree, self._ranks)
+        except sharded.FAILURES as err:  # every rank must reach the check below, or the others wait for it
+            error = sharded.own_error(err, self._ranks.rank)
+        self._ranks.check_all(error, f"writing the shards of {self.storage.url(name)}")
+        every_rank = self._ranks.gather(written)
+
+        def commit_all() -> CheckpointInfo:
+            files = tuple(sorted((FileEntry(p.split("/", 1)[1], size, crc) for w in every_rank for p, (size, crc) in w.items()),
+                                key=lambda e: e.path))
+            info = CheckpointInfo(name=name, step=step, format=sharded.FORMAT, metrics=dict(values), files=files,
+                                  url=self.storage.url(name), monitor=self.policy.ranks_by)
+            return self._after_commit(prepared[0], commit.commit_manifest(self.storage, info), None)
+
+        return self._ranks.on_leader(commit_all)
+
+    def _prepare(self, step: int, name: str, allow_older: bool) -> Scan:
+        """Before a save writes: is ``name`` free, and are leftovers removed? The root as it was listed."""
         self.storage.makedirs()
         found = scan(self.storage, self._known)  # not _scan: this may be the background save itself
         commit.check_free(self.storage, found, step, name, allow_older)
@@ -306,7 +387,10 @@ class CheckpointManager:
                 cleanup.abort_idle_uploads(self.storage, self.abandoned_after, self._upload_clock)
         except StorageError as err:  # leftovers wait for the next save; this one goes on
             log.warning("could not remove leftovers under %s: %s", self.root, err)
-        info = commit.write_checkpoint(self.storage, name, step, self.format, tree, values, self.policy.ranks_by)
+        return found
+
+    def _after_commit(self, found: Scan, info: CheckpointInfo, tree: Any) -> CheckpointInfo:
+        """Log, export the best and apply retention after ``info`` committed on the root ``found`` describes."""
         log.info("saved %s (%d bytes)", info.url, info.size)
         committed = [*found.committed, info]
         if self._reconcile_export(committed, (info, tree)):
@@ -472,14 +556,30 @@ class CheckpointManager:
         """
         if isinstance(which, str) and which not in ("latest", "best"):
             arguments.checkpoint_name(which)
+        self._background.settle()
+        tried: dict[str, str] = {}  # checkpoint name -> why it was unusable
+        while (info := self._ranks.on_leader(lambda: self._to_restore(which, tried))) is not None:
+            error: Exception | None = None
+            try:
+                restored = self._restore_one(info, state, map_location, weights_only, verify, strict)
+            except Exception as err:  # every rank reaches the agreement below, or the others wait for it
+                error = err
+            unusable = self._agree_on_restore(error)
+            if unusable is None:
+                return restored
+            if which != "latest":
+                raise error if isinstance(error, CorruptCheckpointError) else CorruptCheckpointError(unusable)
+            log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, unusable)
+            tried[info.name] = unusable
+        return None
+
+    def _to_restore(self, which: Which, tried: Mapping[str, str]) -> CheckpointInfo | None:
+        """Rank 0's choice of the checkpoint to restore next (``tried`` were unusable), from a new listing."""
         found = self._scan()
         infos = found.committed
-        if which == "latest" and not infos:
-            log.warning("no checkpoint under %s: starting fresh (if you meant to resume, check the root)", self.root)
-            return None
         if which != "latest":
             try:
-                info = self._find(which, infos)
+                return self._find(which, infos)
             except CheckpointNotFound:
                 folder = self._folder_of(which)
                 if folder in found.broken:
@@ -487,21 +587,33 @@ class CheckpointManager:
                         f"{self.storage.url(folder)} is unusable: its manifest's data file is missing"
                     ) from None
                 raise
-            return self._restore_one(info, state, map_location, weights_only, verify, strict)
-        tried: dict[str, str] = {}
-        while todo := [i for i in retention.newest_first(infos) if i.name not in tried]:
-            try:
-                return self._restore_one(todo[0], state, map_location, weights_only, verify, strict)
-            except CorruptCheckpointError as err:
-                log.warning("checkpoint %s is unusable, trying the one before: %s", todo[0].name, err)
-                tried[todo[0].name] = str(err)
-            infos = self.checkpoints()  # the root may have changed meanwhile: a prune, a newer save
-        raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(tried.values()))
+        if not infos and not tried:
+            log.warning("no checkpoint under %s: starting fresh (if you meant to resume, check the root)", self.root)
+            return None
+        todo = [i for i in retention.newest_first(infos) if i.name not in tried]
+        if not todo:  # the root may have changed meanwhile (a prune, a newer save): each try lists it anew
+            raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(tried.values()))
+        return todo[0]
+
+    def _agree_on_restore(self, error: Exception | None) -> str | None:
+        """None if every rank restored; why the checkpoint is unusable if a rank found it corrupt (every
+        rank then tries the one before, together); any other error raises on every rank."""
+        kinds = self._ranks.gather(None if error is None else (isinstance(error, CorruptCheckpointError), str(error)))
+        failed = [(r, k) for r, k in enumerate(kinds) if k is not None]
+        if error is not None and not isinstance(error, CorruptCheckpointError):
+            raise error
+        if any(not corrupt for _, (corrupt, _) in failed):
+            raise RankError("restoring failed on " + "; ".join(f"rank {r}: {why}" for r, (_, why) in failed))
+        return "; ".join(why for _, (_, why) in failed) if failed else None
 
     def _restore_one(
         self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
         strict: bool,
     ) -> Restored:
+        if info.format == sharded.FORMAT:
+            values, missing = sharded.restore_shards(self.storage, info, state or {}, self._ranks, verify=verify, strict=strict)
+            log.info("restored %s (sharded, %d files) on rank %d of %d", info.url, len(info.files), self._ranks.rank, self._ranks.world)
+            return Restored(values, info, missing)
         values, report = restore_checkpoint(
             self.storage, info, state, map_location=map_location, weights_only=weights_only, verify=verify, strict=strict
         )

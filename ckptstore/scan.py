@@ -28,7 +28,8 @@ from .storage import TEMP_FILE, FsspecStorage, Listed
 log = logging.getLogger("ckptstore")
 
 LIST_ATTEMPTS = 3  # listings per scan when manifests vanish between the listing and their read
-_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt)$")
+# a data file: one file per checkpoint, or a sharded save's files (see ckptstore.sharded)
+_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt|rank\d+-\d+\.distcp|dcp-metadata|tree\.json)$")
 
 
 def _ours(name: str) -> bool:

@@ -125,7 +125,8 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
     seen: dict[tuple[Any, ...], str] = {}
 
     def tensor_ref(t: torch.Tensor, key: str) -> dict[str, str]:
-        identity = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        local = t.to_local() if callable(getattr(t, "to_local", None)) else t  # a DTensor: its shard on this rank
+        identity = (local.untyped_storage().data_ptr(), t.device, local.storage_offset(), tuple(t.shape), local.stride(), t.dtype)
         if t.numel() > 0 and identity in seen:  # tied weights: one copy, restored tied
             return {_TENSOR: seen[identity], "device": str(t.device)}
         unique = key or "tensor"

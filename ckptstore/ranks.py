@@ -1,0 +1,154 @@
+"""The processes of one job: who saves, who waits, and how they agree (``torch.distributed``).
+
+When ``torch.distributed`` is initialized, every rank runs the same training code and holds
+a :class:`Ranks`: its rank, the world size and a gloo process group of its own, so that
+ckptstore's agreement (small Python objects) never interleaves with the job's NCCL or gloo
+traffic, and works whatever backend the job uses. Outside a distributed job it is one rank
+and every collective is a no-op.
+
+Every collective here is called by every rank in the same order; a rank that fails raises
+:class:`RankError` on the others within ``timeout`` seconds instead of letting them hang.
+
+Example:
+    >>> ranks = Ranks.current(timeout=60.0)
+    >>> ranks.rank, ranks.world, ranks.leader
+    (0, 1, True)
+    >>> ranks.on_leader(lambda: 42)
+    42
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import CkptStoreError, RankError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job and the group ckptstore agrees over."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None  # a gloo ProcessGroup of every rank; None in a single process
+
+    @classmethod
+    def current(cls, timeout: float | None = None) -> Ranks:
+        """The job this process belongs to (one rank when ``torch.distributed`` is not initialized).
+
+        Creating it is itself collective: every rank must do it, in the same order.
+        ``timeout``: seconds a collective waits for the other ranks (None: torch's default).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls()
+        group = dist.new_group(backend="gloo", timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
+        return cls(dist.get_rank(), dist.get_world_size(), group)
+
+    @property
+    def leader(self) -> bool:
+        """True on rank 0, the rank that commits, prunes and lists for the others."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value``, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        with self._collective("broadcast"):
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.world
+        with self._collective("all_gather"):
+            dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank (one small all-reduce)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)])
+        with self._collective("all_reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def on_leader(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on rank 0 only; every rank returns its result or raises its error."""
+        if not self.distributed:
+            return work()
+        outcome: tuple[bool, Any] = (True, None)
+        if self.leader:
+            try:
+                outcome = (True, work())
+            except Exception as err:  # every rank raises it, rank 0 with its traceback
+                self.broadcast((False, _portable(err)))
+                raise
+        ok, value = self.broadcast(outcome)
+        if not ok:
+            raise value
+        return value
+
+    def check_all(self, error: BaseException | None, doing: str) -> None:
+        """Raise on every rank if ``error`` happened on any: a rank's own error as is, the others
+        a :class:`RankError` naming the ranks that failed (so no rank goes on alone)."""
+        errors = self.gather(None if error is None else f"{type(error).__name__}: {error}")
+        failed = [r for r, e in enumerate(errors) if e is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise RankError(f"{doing} failed on rank {', '.join(map(str, failed))}: " + "; ".join(
+                f"rank {r}: {errors[r]}" for r in failed))
+
+    def _collective(self, name: str) -> _CollectiveErrors:
+        return _CollectiveErrors(name, self.rank, self.world)
+
+
+class _CollectiveErrors:
+    """Turns a failed collective (a rank died, or did not answer within the group's timeout) into RankError."""
+
+    def __init__(self, name: str, rank: int, world: int) -> None:
+        self.name, self.rank, self.world = name, rank, world
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
+        if err is not None and is_collective_failure(err):
+            others = [r for r in range(self.world) if r != self.rank]
+            raise RankError(
+                f"rank {self.rank}: another rank ({', '.join(map(str, others))}) died or did not answer "
+                f"ckptstore's {self.name} in time: {str(err).splitlines()[0][:300]}"
+            ) from err
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True for the error a collective raises when a peer died (gloo's reset or closed connection) or timed out."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and not isinstance(err, CkptStoreError) and (
+        "gloo" in text or "Timed out" in text or "timed out" in text or "Connection closed" in text)
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` if it survives pickling (it crosses to the other ranks), else a RankError with its message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RankError(f"{type(err).__name__} on rank 0: {err}")
