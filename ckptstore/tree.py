@@ -125,7 +125,8 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
     seen: dict[tuple[Any, ...], str] = {}
 
     def tensor_ref(t: torch.Tensor, key: str) -> dict[str, str]:
-        local = t.to_local() if callable(getattr(t, "to_local", None)) else t  # a DTensor: its shard on this rank
+        to_local = getattr(t, "to_local", None)  # a DTensor's: its shard on this rank
+        local = to_local() if callable(to_local) else t
         identity = (local.untyped_storage().data_ptr(), t.device, local.storage_offset(), tuple(t.shape), local.stride(), t.dtype)
         if t.numel() > 0 and identity in seen:  # tied weights: one copy, restored tied
             return {_TENSOR: seen[identity], "device": str(t.device)}
