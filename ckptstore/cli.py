@@ -179,8 +179,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
-    storage, name, _ = resolve(args.src, options)
-    with _progress(f"convert {posixpath.basename(args.dst)}", storage.size(name)) as progress:  # out ~ in, headers aside
+    storage, name, info = resolve(args.src, options)
+    total = info.size if info is not None else storage.size(name)  # out ~ in, headers aside
+    with _progress(f"convert {posixpath.basename(args.dst)}", total) as progress:
         written = convert(args.src, args.dst, storage_options=options, progress=progress, weights_only=not args.trust_pickle)
     print(f"{args.src} -> {args.dst} ({written:,} bytes)")
     return 0

@@ -40,7 +40,8 @@ import torch
 
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError, UnsupportedValueError
-from .manifest import CheckpointInfo
+from .commit import verify_file
+from .manifest import SHARDED_FORMAT, CheckpointInfo
 from .partial import LoadReport, Plan, locate, opened, plan
 from .safetensors_header import build_header
 from .serializers import TREE_METADATA_KEY, ChecksumWriter, SafetensorsFormat, check_crc, format_for_path
@@ -81,6 +82,8 @@ def convert(
                           "or ckptstore.load it whole and ckptstore.save the result")
     out_storage, out_name = open_parent(dst, storage_options)
     to_safetensors = isinstance(format_for_path(out_name), SafetensorsFormat)
+    if resolved[2] is not None and resolved[2].format == SHARDED_FORMAT:
+        return _convert_dcp(resolved[0], resolved[2], out_storage, out_name, progress)
     report = LoadReport()
     with opened(resolved, report) as source:
         reader = _source(source.storage, source.name, None if report.read_whole else source.info)  # re-zipped pre-1.6: no CRC
@@ -100,6 +103,22 @@ def convert(
                 tree, regions = reader.placeholders(planned)
                 (_write_safetensors if to_safetensors else _write_torch)(tree, regions, reader, out)
             reader.finish()  # checks the source checksum before the destination is committed
+    return out.size
+
+
+def _convert_dcp(storage: FsspecStorage, info: CheckpointInfo, out_storage: FsspecStorage, out_name: str,
+                 progress: Progress | None) -> int:
+    """A checkpoint saved by every rank of a job, gathered whole into one stock file (its shards'
+    CRC32C checked first: DCP's reader cannot check them on the way)."""
+    from .sharded import read_tree  # DCP: imported for sharded checkpoints only
+
+    for entry in info.files:  # ``storage`` is the checkpoint's folder
+        verify_file(storage, entry.path, entry)
+    tree = read_tree(storage, "", [f.path for f in info.files])
+    out_storage.makedirs()
+    with out_storage.open_write(out_name, size_hint=info.size) as raw:
+        out = ChecksumWriter(cast(IO[bytes], _Reporting(raw, progress)))
+        format_for_path(out_name).write(tree, out)
     return out.size
 
 

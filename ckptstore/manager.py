@@ -19,7 +19,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from . import arguments, cleanup, commit, retention, sharded
+from . import arguments, cleanup, commit, retention
 from .background import BackgroundSaver, SaveHandle
 from .errors import (
     CheckpointNotFound,
@@ -31,17 +31,17 @@ from .errors import (
 )
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
-from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry
+from .manifest import MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo, FileEntry
 from .network import Transfers
 from .partial import LoadReport, load_partial
 from .preemption import PreemptionWatcher
-from .ranks import Ranks
+from .ranks import Ranks, raise_dropped
 from .results import Restored, RootListing
 from .serializers import MapLocation, get_format
 from .scan import KnownManifests, Scan, scan
 from .snapshot import snapshot
 from .storage import Upload, check_relative_path, open_storage
-from .tree import canonicalize
+from .tree import canonicalize, holds_dtensors
 
 log = logging.getLogger("ckptstore")
 
@@ -314,8 +314,10 @@ class CheckpointManager:
         name = arguments.checkpoint_name(name or f"step_{step:08d}")
         values = arguments.metrics(metrics or {}, self.policy.monitor, step)
         tree = canonicalize(dict(state))  # fails on unsupported values before any I/O
-        is_sharded = sharded.holds_dtensors(tree)
+        is_sharded = holds_dtensors(tree)
         if is_sharded:
+            from . import sharded  # DCP: imported by jobs that shard only
+
             tree = canonicalize(sharded.model_and_optimizers(state)[0])
         self._agree_on_save(step, name, is_sharded)
         if self._export is not None:
@@ -351,6 +353,8 @@ class CheckpointManager:
 
     def _write_sharded(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
         """Every rank writes its shards at once; rank 0 gathers their sizes and CRC32C and commits them all."""
+        from . import sharded
+
         prepared: list[Scan] = []  # the root as rank 0 listed it, for retention after the commit
 
         def prepare() -> str:
@@ -358,19 +362,19 @@ class CheckpointManager:
             return commit.new_token()
 
         token = self._ranks.on_leader(prepare)
-        error: Exception | None = None
+        failed: list[BaseException] = []  # a box, not a local: see ranks.raise_dropped
         written: dict[str, tuple[int, int]] = {}
         try:
             written = sharded.write_shards(self.storage, name, token, tree, self._ranks)
         except sharded.FAILURES as err:  # every rank must reach the check below, or the others wait for it
-            error = sharded.own_error(err, self._ranks.rank)
-        self._ranks.check_all(error, f"writing the shards of {self.storage.url(name)}")
+            failed.append(sharded.own_error(err, self._ranks.rank))
+        self._ranks.check_all(failed, f"writing the shards of {self.storage.url(name)}")
         every_rank = self._ranks.gather(written)
 
         def commit_all() -> CheckpointInfo:
             files = tuple(sorted((FileEntry(p.split("/", 1)[1], size, crc) for w in every_rank for p, (size, crc) in w.items()),
                                 key=lambda e: e.path))
-            info = CheckpointInfo(name=name, step=step, format=sharded.FORMAT, metrics=dict(values), files=files,
+            info = CheckpointInfo(name=name, step=step, format=SHARDED_FORMAT, metrics=dict(values), files=files,
                                   url=self.storage.url(name), monitor=self.policy.ranks_by)
             return self._after_commit(prepared[0], commit.commit_manifest(self.storage, info), None)
 
@@ -559,16 +563,16 @@ class CheckpointManager:
         self._background.settle()
         tried: dict[str, str] = {}  # checkpoint name -> why it was unusable
         while (info := self._ranks.on_leader(lambda: self._to_restore(which, tried))) is not None:
-            error: Exception | None = None
+            failed: list[Exception] = []  # a box, not a local: see ranks.raise_dropped
             try:
                 restored = self._restore_one(info, state, map_location, weights_only, verify, strict)
             except Exception as err:  # every rank reaches the agreement below, or the others wait for it
-                error = err
-            unusable = self._agree_on_restore(error)
+                failed.append(err)
+            unusable = self._agree_on_restore(failed)
             if unusable is None:
                 return restored
             if which != "latest":
-                raise error if isinstance(error, CorruptCheckpointError) else CorruptCheckpointError(unusable)
+                raise_dropped(failed) if failed else raise_dropped([CorruptCheckpointError(unusable)])
             log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, unusable)
             tried[info.name] = unusable
         return None
@@ -595,13 +599,14 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"every checkpoint under {self.root} is unusable: " + "; ".join(tried.values()))
         return todo[0]
 
-    def _agree_on_restore(self, error: Exception | None) -> str | None:
+    def _agree_on_restore(self, failed_here: list[Exception]) -> str | None:
         """None if every rank restored; why the checkpoint is unusable if a rank found it corrupt (every
-        rank then tries the one before, together); any other error raises on every rank."""
-        kinds = self._ranks.gather(None if error is None else (isinstance(error, CorruptCheckpointError), str(error)))
+        rank then tries the one before, together); any other error raises on every rank (this rank's
+        own, ``failed_here``, popped from it)."""
+        kinds = self._ranks.gather((isinstance(failed_here[0], CorruptCheckpointError), str(failed_here[0])) if failed_here else None)
         failed = [(r, k) for r, k in enumerate(kinds) if k is not None]
-        if error is not None and not isinstance(error, CorruptCheckpointError):
-            raise error
+        if failed_here and not isinstance(failed_here[0], CorruptCheckpointError):
+            raise_dropped(failed_here)
         if any(not corrupt for _, (corrupt, _) in failed):
             raise RankError("restoring failed on " + "; ".join(f"rank {r}: {why}" for r, (_, why) in failed))
         return "; ".join(why for _, (_, why) in failed) if failed else None
@@ -610,7 +615,9 @@ class CheckpointManager:
         self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
         strict: bool,
     ) -> Restored:
-        if info.format == sharded.FORMAT:
+        if info.format == SHARDED_FORMAT:
+            from . import sharded
+
             values, missing = sharded.restore_shards(self.storage, info, state or {}, self._ranks, verify=verify, strict=strict)
             log.info("restored %s (sharded, %d files) on rank %d of %d", info.url, len(info.files), self._ranks.rank, self._ranks.world)
             return Restored(values, info, missing)

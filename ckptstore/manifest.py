@@ -21,6 +21,7 @@ from .errors import CorruptCheckpointError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+SHARDED_FORMAT = "dcp"  # a checkpoint saved by every rank through torch.distributed.checkpoint: several data files
 _TOMBSTONE_PREFIX = b'{"ckptstore": "tombstone"'
 
 

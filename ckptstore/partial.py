@@ -37,7 +37,7 @@ import torch
 from . import legacy, rebuilt, shards
 from .keys import ties, too_little_loaded
 from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
-from .manifest import MANIFEST_NAME, CheckpointInfo
+from .manifest import MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
 from .sniff import file_format
@@ -134,6 +134,8 @@ def load_partial(
     report = LoadReport()
     targets = _target_tensors(target)
     resolved, index = locate(url, storage_options)
+    if resolved[2] is not None and resolved[2].format == SHARDED_FORMAT:  # saved by every rank of a job through DCP
+        return _load_dcp(resolved[0], resolved[2], report, targets, key_map, key, strict, strict_dtype, min_loaded)
     if index is not None:
         return _load_sharded(index, report, targets, target, device, key_map, key, strict, strict_dtype, min_loaded, max_buffer,
                              weights_only)
@@ -164,6 +166,22 @@ def _load_sharded(
     for shard in sorted(wanted):
         mine = [(src, k) for src, k in selected if origin.get(id(src)) == shard]
         _transfer(Transfer(index.storage, shard, max_buffer, report), mine, targets, target, device)
+    return report
+
+
+def _load_dcp(
+    storage: FsspecStorage, info: CheckpointInfo, report: LoadReport, targets: dict[str, torch.Tensor], key_map: KeyMap,
+    key: str | None, strict: bool, strict_dtype: bool, min_loaded: float,
+) -> LoadReport:
+    """A checkpoint saved by every rank of a job: matched by the saved global shapes in DCP's
+    metadata, loaded in place by DCP's reader (one process, whatever world size saved it)."""
+    from .sharded import SavedShards  # DCP: imported for sharded checkpoints only
+
+    saved = SavedShards(storage, "", [f.path for f in info.files])  # ``storage`` is the checkpoint's folder
+    prefix = "model" if key is None else key
+    planned = {k: SourceTensor(k, dtype, shape, 0, 0) for k, (shape, dtype) in saved.shapes().items()}
+    selected = _select(info.url, prefix, _under(planned, prefix), report, targets, key_map, strict, strict_dtype, min_loaded)
+    saved.load({src.key: targets[k] for src, k in selected if isinstance(src, SourceTensor)})
     return report
 
 

@@ -23,7 +23,7 @@ import datetime
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .errors import CkptStoreError, RankError
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,19 @@ class Ranks:
                 raise
         ok, value = self.broadcast(outcome)
         if not ok:
-            raise value
+            box = [value]
+            del value
+            raise_dropped(box)
         return value
 
-    def check_all(self, error: BaseException | None, doing: str) -> None:
-        """Raise on every rank if ``error`` happened on any: a rank's own error as is, the others
-        a :class:`RankError` naming the ranks that failed (so no rank goes on alone)."""
-        errors = self.gather(None if error is None else f"{type(error).__name__}: {error}")
+    def check_all(self, failed_here: list[BaseException], doing: str) -> None:
+        """Raise on every rank if any rank failed: a rank's own error (the one in ``failed_here``, popped
+        from it, see :func:`raise_dropped`) as is, the others a :class:`RankError` naming the ranks
+        that failed (so no rank goes on alone)."""
+        errors = self.gather(f"{type(failed_here[0]).__name__}: {failed_here[0]}" if failed_here else None)
         failed = [r for r, e in enumerate(errors) if e is not None]
-        if error is not None:
-            raise error
+        if failed_here:
+            raise_dropped(failed_here)
         if failed:
             raise RankError(f"{doing} failed on rank {', '.join(map(str, failed))}: " + "; ".join(
                 f"rank {r}: {errors[r]}" for r in failed))
@@ -136,6 +140,21 @@ class _CollectiveErrors:
                 f"rank {self.rank}: another rank ({', '.join(map(str, others))}) died or did not answer "
                 f"ckptstore's {self.name} in time: {str(err).splitlines()[0][:300]}"
             ) from err
+
+
+def raise_dropped(box: list[E]) -> NoReturn:
+    """Raise the one error in ``box`` with no local variable left holding it: a frame that holds
+    the exception it raised is a reference cycle (exception -> traceback -> frame -> exception),
+    freed only by the garbage collector, at an unpredictable time, with whatever the frames hold
+    (a manager, its process groups; torch aborts a process that frees a process group after
+    ``destroy_process_group``). Callers pass ``[error]`` and drop their own reference first.
+
+    Example:
+        >>> raise_dropped([ValueError("x")])
+        Traceback (most recent call last):
+        ValueError: x
+    """
+    raise box.pop()
 
 
 def is_collective_failure(err: BaseException) -> bool:

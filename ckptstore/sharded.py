@@ -18,10 +18,15 @@ its storage layer:
   ``get_model_state_dict`` / ``get_optimizer_state_dict`` (optimizer state keyed by
   parameter name, so it reshards), and restored by their ``set_*`` twins.
 
+It is imported only by a job that saves DTensors or reads a sharded checkpoint: DCP's
+import costs a CLI a third of a second.
+
 Example:
-    >>> from ckptstore.tree import canonicalize
-    >>> holds_dtensors(canonicalize({"w": torch.zeros(2)}))
-    False
+    >>> from ckptstore.storage import open_storage
+    >>> store = open_storage("memory://doc/sharded")
+    >>> written = write_shards(store, "step_1", "0123abcd", {"w": torch.ones(2), "epoch": 3}, Ranks())
+    >>> sorted(written)  # doctest: +NORMALIZE_WHITESPACE
+    ['step_1/state-0123abcd.dcp-metadata', 'step_1/state-0123abcd.rank0-0.distcp', 'step_1/state-0123abcd.tree.json']
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import json
 import os
 import pickle
 import posixpath
-from collections.abc import Iterator, Mapping
+import traceback
+from collections.abc import Container, Iterator, Mapping
 from typing import IO, Any
 
 import torch
@@ -57,17 +63,11 @@ from .manifest import CheckpointInfo
 from .ranks import Ranks, is_collective_failure
 from .serializers import ChecksumWriter
 from .storage import FsspecStorage
-from .tree import canonicalize, flatten, iter_tensors, unflatten
+from .tree import TENSOR_TAG, canonicalize, flatten, unflatten
 
-FORMAT = "dcp"
 SHARD_SUFFIX = ".distcp"
 METADATA_SUFFIX = ".dcp-metadata"
 TREE_SUFFIX = ".tree.json"
-
-
-def holds_dtensors(tree: Any) -> bool:
-    """True if a canonical tree holds a DTensor: it is saved sharded, by every rank."""
-    return any(isinstance(t, DTensor) for t in iter_tensors(tree))
 
 
 def model_and_optimizers(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -118,7 +118,14 @@ FAILURES = (Exception, CheckpointException)  # what a DCP save or load raises (C
 
 def own_error(err: BaseException, rank: int) -> Exception:
     """What a failed DCP save or load means on ``rank``: its own error where it failed itself
-    (DCP gathers every rank's), else a RankError naming the ranks that failed or died."""
+    (DCP gathers every rank's), else a RankError naming the ranks that failed or died.
+
+    The frames of DCP's exceptions are cleared: DCP keeps each exception in a local of the frame
+    that caught it, a cycle that would free the process groups those frames hold at an
+    unpredictable time (after ``destroy_process_group``, torch then aborts the process at exit).
+    """
+    for chained in (err, *(f[0] for f in getattr(err, "failures", {}).values())):
+        traceback.clear_frames(chained.__traceback__)
     if isinstance(err, CheckpointException):
         failures = err.failures
         if rank in failures:
@@ -235,19 +242,19 @@ def restore_shards(
         problems = [p for p in ranks.gather(problem) if p is not None]
         if problems:
             raise CorruptCheckpointError("; ".join(problems))
-    error: Exception | None = None
+    failed: list[BaseException] = []  # a box, not a local: see ranks.raise_dropped
     try:
         saved = SavedShards(storage, info.name, [f.path for f in info.files])
         live, pairs = model_and_optimizers(state)
         targets = _targets(saved, state, live, pairs, strict, storage.url(info.name))
     except Exception as err:  # every rank must reach the check below, or the others wait in DCP's load
-        error = err
-    ranks.check_all(error, f"planning the restore of {info.url}")
+        failed.append(err)
+    ranks.check_all(failed, f"planning the restore of {info.url}")
     try:
         saved.load(targets, ranks)
     except FAILURES as err:
         raise own_error(err, ranks.rank) from None
-    tree = saved.tree(targets)
+    tree = saved.tree(targets, entries=state)  # saved entries holding tensors that state did not ask for are not read
     restored = _apply(state, tree, pairs)
     return {k: v for k, v in tree.items() if k not in restored}, [k for k in state if k not in saved.skeleton]
 
@@ -298,6 +305,15 @@ def _apply(state: Mapping[str, Any], tree: Mapping[str, Any], pairs: Mapping[str
     return {k for k in present if k not in kept}
 
 
+# -- one process: conversion -------------------------------------------------
+def read_tree(storage: FsspecStorage, folder: str, files: list[str]) -> Any:
+    """The whole saved tree in one process, every tensor whole on the CPU (for a conversion to one file)."""
+    saved = SavedShards(storage, folder, files)
+    tensors = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in saved.shapes().items()}
+    saved.load(tensors)
+    return saved.tree(tensors)
+
+
 # -- reading ---------------------------------------------------------------------------------
 class SavedShards:
     """A committed sharded checkpoint: its tree, its DCP metadata, and a reader for its shards.
@@ -331,9 +347,12 @@ class SavedShards:
         planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
         dcp.load(targets, storage_reader=reader, planner=planner, process_group=ranks.group, no_dist=not ranks.distributed)
 
-    def tree(self, tensors: Mapping[str, torch.Tensor]) -> Any:
-        """The saved canonical tree with ``tensors`` (by flat key) in place of each saved tensor."""
-        return unflatten(self.skeleton, lambda key, _device: tensors[key])
+    def tree(self, tensors: Mapping[str, torch.Tensor], entries: Container[str] | None = None) -> Any:
+        """The saved canonical tree with ``tensors`` (by flat key) in place of each saved tensor;
+        of ``entries`` only, and the saved entries that hold no tensor, if given."""
+        skeleton = self.skeleton if entries is None else {
+            k: v for k, v in self.skeleton.items() if k in entries or not _holds_tensor(v)}
+        return unflatten(skeleton, lambda key, _device: tensors[key])
 
 
 class _Reader(FileSystemReader):
@@ -346,6 +365,13 @@ class _Reader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         return self._metadata
+
+
+def _holds_tensor(node: Any) -> bool:
+    """True if a skeleton node refers to a saved tensor."""
+    if isinstance(node, dict):
+        return TENSOR_TAG in node or any(_holds_tensor(v) for v in node.values())
+    return isinstance(node, list) and any(_holds_tensor(v) for v in node)
 
 
 def _one(files: list[str], suffix: str, where: str) -> str:

@@ -4,6 +4,7 @@
 memory; containers are new, scalars are immutable, so nothing the caller mutates afterwards
 reaches the copy. Tensors that share a storage (tied weights, views) are copied as that
 storage once and viewed again, so the checkpoint stores them once, as a blocking save would.
+A DTensor's copy is this rank's shard, on the same mesh and placements.
 CUDA tensors are copied into pinned host memory on a side stream that first waits for the
 current one (it sees every queued update); the copy is complete when :func:`snapshot` returns.
 
@@ -48,7 +49,11 @@ def snapshot(tree: Any) -> Any:
 
 def _plain(t: torch.Tensor) -> bool:
     """A strided tensor without lazy conjugate or negative bits: its storage and view describe it."""
-    return t.layout == torch.strided and not t.is_quantized and not (t.is_conj() or t.is_neg())
+    return t.layout == torch.strided and not t.is_quantized and not (t.is_conj() or t.is_neg()) and not _is_dtensor(t)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return callable(getattr(t, "to_local", None))
 
 
 def _copy_group(members: list[torch.Tensor], copies: dict[int, torch.Tensor]) -> None:
@@ -82,6 +87,10 @@ def _side_stream(groups: dict[tuple[int, torch.device], list[torch.Tensor]]) -> 
 
 
 def _replace(tree: Any, copies: dict[int, torch.Tensor]) -> Any:
+    if isinstance(tree, torch.Tensor) and _is_dtensor(tree):  # this rank's shard, copied, on the same mesh and placements
+        dtensor: Any = tree
+        return type(dtensor).from_local(snapshot(dtensor.to_local()), dtensor.device_mesh, dtensor.placements, run_check=False,
+                                     shape=tree.shape, stride=tree.stride())
     if isinstance(tree, torch.Tensor):
         copy = copies.get(id(tree))
         if copy is None:  # sparse, quantized, conjugate views: a copy of their own

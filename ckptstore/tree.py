@@ -32,8 +32,9 @@ import torch
 from .errors import UnsupportedValueError
 
 NDARRAY_TAG = "__ndarray__"
+TENSOR_TAG = "__tensor__"  # a skeleton's node for a tensor: {"__tensor__": key, "device": ...}
 _TENSOR, _TUPLE, _ITEMS, _FLOAT, _BYTES, _DTYPE, _DEVICE = (
-    "__tensor__", "__tuple__", "__items__", "__float__", "__bytes__", "__dtype__", "__device__",
+    TENSOR_TAG, "__tuple__", "__items__", "__float__", "__bytes__", "__dtype__", "__device__",
 )
 _SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _KEY_TYPES = (str, int, float, bool, type(None), tuple)
@@ -201,6 +202,19 @@ def unflatten(skeleton: Any, load_tensor: Callable[[str, str], Any]) -> Any:
         return {k: decode(v) for k, v in node.items()}
 
     return decode(skeleton)
+
+
+def holds_dtensors(tree: Any) -> bool:
+    """True if a canonical tree holds a DTensor (sharded state, saved by every rank: :mod:`ckptstore.sharded`).
+
+    No DTensor exists unless ``torch.distributed.tensor`` was imported, so this imports nothing.
+
+    Example:
+        >>> holds_dtensors({"w": torch.zeros(2)})
+        False
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(t, module.DTensor) for t in iter_tensors(tree))
 
 
 def iter_tensors(tree: Any) -> Iterator[torch.Tensor]:

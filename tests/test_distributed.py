@@ -1,0 +1,151 @@
+"""The manager inside torch.distributed jobs: two real processes (gloo, CPU) per test, on every
+store another process can reach (memory:// lives in one process).
+
+Each test runs a scenario of ``dist_worker.py`` on 2 ranks and checks what every rank saw, then
+the store itself, from this process: replicated state written once, sharded state written by
+every rank and restored on 2 and on 1, a rank that fails or is SIGKILLed mid-save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import ckptstore
+from ckptstore import CheckpointManager
+from ckptstore.convert import convert
+from ckptstore.scan import scan
+from ckptstore.storage import open_storage
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+JOB_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(scenario: str, store, out: Path, world: int = 2, **extra) -> tuple[list[dict], list[int]]:
+    """Run ``scenario`` on ``world`` ranks; return what each rank wrote and their exit codes."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.dumps({"scenario": scenario, "root": store.url, "storage_options": store.storage_options, "out": str(out), **extra})
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONWARNINGS": "ignore"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), cfg], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=JOB_SECONDS)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    results = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {})
+    if scenario != "killed":
+        assert codes == [0] * world, "\n".join(logs)[-4000:]
+    return results, codes
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_replicated_state_is_written_once_and_every_rank_learns_the_outcome(process_store, tmp_path):
+    ranks, _ = run_job("replicated", process_store, tmp_path / "job")
+    zero, one = ranks
+    assert zero["saves"] == one["saves"]  # every rank returns the same CheckpointInfo, the background save's too
+    assert [s["step"] for s in zero["saves"]] == [1, 2, 3, 4]
+    assert all(len(s["files"]) == 1 for s in zero["saves"])  # written once, by rank 0
+    assert zero["kept"] == one["kept"] == [2, 3, 4]  # keep_last=2 and the best (step 2) across ranks
+    assert zero["again"]["type"] == one["again"]["type"] == "CheckpointExists"  # a refusal reaches every rank
+    assert zero["again"]["message"] == one["again"]["message"]
+    assert zero["restored"] == one["restored"] == {"name": "step_00000004", "epoch": 4}
+    assert zero["same_model"] and one["same_model"]
+    assert zero["preempted"] == one["preempted"] == [True, True]  # a notice on rank 1 only stops both
+    mgr = CheckpointManager(process_store.url, storage_options=process_store.storage_options)
+    assert [i.step for i in mgr.checkpoints()] == [2, 3, 4] and set(mgr.verify().values()) == {None}
+
+
+def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(process_store, tmp_path):
+    ranks, _ = run_job("sharded", process_store, tmp_path / "job")
+    zero, one = ranks
+    assert zero["saves"] == one["saves"]
+    for save in zero["saves"]:
+        assert save["format"] == "dcp"
+        shards = [f for f in save["files"] if f.endswith(".distcp")]
+        assert {f.split(".")[1].split("-")[0] for f in shards} == {"rank0", "rank1"}  # each rank wrote its own
+        assert sum(f.endswith((".dcp-metadata", ".tree.json")) for f in save["files"]) == 2
+    assert zero["kept"] == one["kept"] == [2, 3]
+    assert zero["restored"] == one["restored"] == {"name": "step_00000003", "epoch": 3, "lr": [0.1]}
+    for rank in ranks:
+        assert rank["same_model"] and rank["same_optim"] and rank["same_after_a_step"]
+    assert zero["refused"]["type"] == "RankError" and "rank 1" in zero["refused"]["message"]
+    assert one["refused"]["type"] == "StorageError" and "injected" in one["refused"]["message"]
+    assert zero["kept_after_refusal"] == one["kept_after_refusal"] == [3, 4]  # nothing committed, nothing lost
+
+    options = process_store.storage_options
+    mgr = CheckpointManager(process_store.url, storage_options=options)
+    assert set(mgr.verify().values()) == {None}
+    saved = torch.load(tmp_path / "job" / "step4.pt", weights_only=True)
+    # on one process: the whole state, resharded by DCP's planner, optimizer state included
+    m, opt = model(), None
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    restored = mgr.restore({"model": m, "optim": opt})
+    assert restored["epoch"] == 4 and restored.checkpoint.step == 4
+    assert all(torch.equal(saved["model"][k], v) for k, v in m.state_dict().items())
+    state = opt.state_dict()["state"]
+    assert {f"{i}/{k}": v for i, s in state.items() for k, v in s.items()}.keys() == saved["optim"].keys()
+    assert all(torch.equal(saved["optim"][f"{i}/{k}"], v) for i, s in state.items() for k, v in s.items())
+
+    # a partial load: only the tensors whose shape fits, reported
+    target = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    report = ckptstore.load_partial(process_store.join("step_00000004"), target, storage_options=options)
+    assert report.loaded == ["0.bias", "0.weight"] and sorted(report.skipped_shape) == ["2.bias", "2.weight"]
+    assert torch.equal(target[0].weight, saved["model"]["0.weight"])
+
+    # converted into one stock file each of the stock readers opens
+    for name in ("whole.safetensors", "whole.pt"):
+        written = convert(process_store.join("step_00000004"), str(tmp_path / name), storage_options=options)
+        assert written == os.path.getsize(tmp_path / name)
+    with safe_open(str(tmp_path / "whole.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model/2.weight"), saved["model"]["2.weight"])
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert torch.equal(whole["model"]["0.weight"], saved["model"]["0.weight"]) and whole["epoch"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_mid_save_commits_nothing_and_the_other_rank_raises(process_store, tmp_path):
+    ranks, codes = run_job("killed", process_store, tmp_path / "job", rank_timeout=30)
+    zero, one = ranks
+    assert codes[1] == -9 and codes[0] == 0
+    assert "saved" not in zero and zero["error"]["type"] == "RankError", zero
+    assert zero["seconds"] < 30  # a dead peer is seen at once, not after the timeout
+    storage = open_storage(process_store.url, process_store.storage_options)
+    found = scan(storage)
+    assert [i.step for i in found.committed] == [1]  # step 2 never committed; step 1 is intact
+    assert "step_00000002" in found.abandoned  # rank 0's shard (and rank 1's part, if any) are left
+    mgr = CheckpointManager(process_store.url, storage_options=process_store.storage_options, abandoned_after=0)
+    assert set(mgr.verify().values()) == {None}
+    mgr.prune()  # the next save (or a prune) removes the partial shards
+    assert scan(storage).abandoned == {} and not any(p.startswith("step_00000002/") for p in storage.list_files())
+    m = model()
+    assert mgr.restore({"model": m}, strict=False).checkpoint.step == 1
