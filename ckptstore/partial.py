@@ -246,6 +246,16 @@ def describe(
         sources = {k: v for shard in index.shards
                    for k, v in plan(index.storage, shard, report, weights_only=weights_only).tensors().items()}
         where, values, info = index.url, {"shards": index.shards}, None
+    elif resolved[2] is not None and resolved[2].format == SHARDED_FORMAT:  # saved by every rank: DCP's metadata
+        from .sharded import SavedShards
+
+        info = resolved[2]
+        saved = SavedShards(resolved[0], "", [f.path for f in info.files])
+        sources = {k: SourceTensor(k, dtype, shape, 0, 0) for k, (shape, dtype) in saved.shapes().items()}
+        report.bytes_read = sum(f.size for f in info.files if not f.path.endswith(".distcp"))
+        where = info.url
+        values = {"shards": [f.path for f in info.files if f.path.endswith(".distcp")],
+                  TREE_METADATA_KEY: saved.tree({}, placeholders=True)}
     else:
         with opened(resolved, report) as source:
             planned = source.plan(report, weights_only)

@@ -39,6 +39,7 @@ import os
 import pickle
 import posixpath
 import traceback
+import warnings
 from collections.abc import Container, Iterator, Mapping
 from typing import IO, Any
 
@@ -106,7 +107,8 @@ def write_shards(storage: FsspecStorage, folder: str, token: str, tree: Any, ran
     tensors, skeleton = flatten(tree)
     files = _StoreFiles(storage)
     writer = _Writer(files, folder, token)
-    dcp.save(tensors, storage_writer=writer, process_group=ranks.group, no_dist=not ranks.distributed)
+    with _one_process_is_meant():
+        dcp.save(tensors, storage_writer=writer, process_group=ranks.group, no_dist=not ranks.distributed)
     if ranks.leader:
         with files.create_stream(posixpath.join(folder, f"state-{token}{TREE_SUFFIX}"), "wb") as out:
             out.write(json.dumps({"tree": skeleton}).encode())
@@ -345,14 +347,16 @@ class SavedShards:
         ranks = ranks or Ranks()
         reader = _Reader(_StoreFiles(self.storage), self.folder, self.meta_name, self.metadata)
         planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-        dcp.load(targets, storage_reader=reader, planner=planner, process_group=ranks.group, no_dist=not ranks.distributed)
+        with _one_process_is_meant():
+            dcp.load(targets, storage_reader=reader, planner=planner, process_group=ranks.group, no_dist=not ranks.distributed)
 
-    def tree(self, tensors: Mapping[str, torch.Tensor], entries: Container[str] | None = None) -> Any:
+    def tree(self, tensors: Mapping[str, torch.Tensor], entries: Container[str] | None = None, *, placeholders: bool = False) -> Any:
         """The saved canonical tree with ``tensors`` (by flat key) in place of each saved tensor;
-        of ``entries`` only, and the saved entries that hold no tensor, if given."""
+        of ``entries`` only, and the saved entries that hold no tensor, if given. ``placeholders``:
+        each tensor shown as ``"<tensor key>"`` instead (for ``inspect``)."""
         skeleton = self.skeleton if entries is None else {
             k: v for k, v in self.skeleton.items() if k in entries or not _holds_tensor(v)}
-        return unflatten(skeleton, lambda key, _device: tensors[key])
+        return unflatten(skeleton, lambda key, _device: f"<tensor {key}>" if placeholders else tensors[key])
 
 
 class _Reader(FileSystemReader):
@@ -365,6 +369,14 @@ class _Reader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         return self._metadata
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning that it assumes one process when none is initialized: that is what ckptstore asks."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _holds_tensor(node: Any) -> bool:

@@ -22,7 +22,9 @@ from torch import nn
 
 import ckptstore
 from ckptstore import CheckpointManager
+from ckptstore.cli import main
 from ckptstore.convert import convert
+from ckptstore.partial import describe
 from ckptstore.scan import scan
 from ckptstore.storage import open_storage
 
@@ -85,7 +87,7 @@ def test_replicated_state_is_written_once_and_every_rank_learns_the_outcome(proc
     assert [i.step for i in mgr.checkpoints()] == [2, 3, 4] and set(mgr.verify().values()) == {None}
 
 
-def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(process_store, tmp_path):
+def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(process_store, tmp_path, capsys):
     ranks, _ = run_job("sharded", process_store, tmp_path / "job")
     zero, one = ranks
     assert zero["saves"] == one["saves"]
@@ -121,6 +123,15 @@ def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(p
     report = ckptstore.load_partial(process_store.join("step_00000004"), target, storage_options=options)
     assert report.loaded == ["0.bias", "0.weight"] and sorted(report.skipped_shape) == ["2.bias", "2.weight"]
     assert torch.equal(target[0].weight, saved["model"]["0.weight"])
+
+    # the CLI reads it like any checkpoint: ls, verify, inspect (global shapes, every rank's shard)
+    opts = [a for k, v in options.items() for a in ("--storage-option", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+    assert main(["ls", process_store.url, *opts]) == 0 and main(["verify", process_store.url, *opts]) == 0
+    listed = capsys.readouterr().out
+    assert "step_00000004" in listed and "dcp" in listed and "OK      step_00000004" in listed
+    desc = describe(process_store.join("step_00000004"), options)
+    assert {"name": "model/0.weight", "dtype": "float32", "shape": [16, 8], "bytes": 512} in desc["tensors"]
+    assert len(desc["values"]["shards"]) == 2 and desc["checkpoint"]["format"] == "dcp"
 
     # converted into one stock file each of the stock readers opens
     for name in ("whole.safetensors", "whole.pt"):
