@@ -367,7 +367,7 @@ class CheckpointManager:
         try:
             written = sharded.write_shards(self.storage, name, token, tree, self._ranks)
         except sharded.FAILURES as err:  # every rank must reach the check below, or the others wait for it
-            failed.append(sharded.own_error(err, self._ranks.rank))
+            failed.append(sharded.own_error(err, self._ranks.rank, self._ranks.world))
         self._ranks.check_all(failed, f"writing the shards of {self.storage.url(name)}")
         every_rank = self._ranks.gather(written)
 

@@ -134,12 +134,17 @@ class _CollectiveErrors:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
-        if err is not None and is_collective_failure(err):
-            others = [r for r in range(self.world) if r != self.rank]
+        if isinstance(err, RuntimeError) and not isinstance(err, CkptStoreError):  # what a collective raises when a peer fails
             raise RankError(
-                f"rank {self.rank}: another rank ({', '.join(map(str, others))}) died or did not answer "
+                f"rank {self.rank}: {others(self.rank, self.world)} died or did not answer "
                 f"ckptstore's {self.name} in time: {str(err).splitlines()[0][:300]}"
             ) from err
+
+
+def others(rank: int, world: int) -> str:
+    """The ranks other than ``rank``, in words, for a message: "rank 1", "one of ranks 0, 2, 3"."""
+    rest = [str(r) for r in range(world) if r != rank]
+    return f"rank {rest[0]}" if len(rest) == 1 else f"one of ranks {', '.join(rest)}"
 
 
 def raise_dropped(box: list[E]) -> NoReturn:
@@ -159,9 +164,9 @@ def raise_dropped(box: list[E]) -> NoReturn:
 
 def is_collective_failure(err: BaseException) -> bool:
     """True for the error a collective raises when a peer died (gloo's reset or closed connection) or timed out."""
-    text = str(err)
-    return isinstance(err, RuntimeError) and not isinstance(err, CkptStoreError) and (
-        "gloo" in text or "Timed out" in text or "timed out" in text or "Connection closed" in text)
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and not isinstance(err, CkptStoreError) and any(
+        mark in text for mark in ("gloo", "timed out", "timeout", "connection closed", "connection reset", "pair closure"))
 
 
 def _portable(err: Exception) -> Exception:

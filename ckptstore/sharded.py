@@ -61,7 +61,7 @@ from .errors import CkptStoreError, CorruptCheckpointError, RankError, StateMism
 from .commit import verify_checkpoint
 from .inplace import restore_into
 from .manifest import CheckpointInfo
-from .ranks import Ranks, is_collective_failure
+from .ranks import Ranks, is_collective_failure, others
 from .serializers import ChecksumWriter
 from .storage import FsspecStorage
 from .tree import TENSOR_TAG, canonicalize, flatten, unflatten
@@ -118,7 +118,7 @@ def write_shards(storage: FsspecStorage, folder: str, token: str, tree: Any, ran
 FAILURES = (Exception, CheckpointException)  # what a DCP save or load raises (CheckpointException is a BaseException)
 
 
-def own_error(err: BaseException, rank: int) -> Exception:
+def own_error(err: BaseException, rank: int, world: int) -> Exception:
     """What a failed DCP save or load means on ``rank``: its own error where it failed itself
     (DCP gathers every rank's), else a RankError naming the ranks that failed or died.
 
@@ -136,7 +136,7 @@ def own_error(err: BaseException, rank: int) -> Exception:
         return RankError(f"rank {', '.join(map(str, sorted(failures)))} failed: " + "; ".join(
             f"rank {r}: {type(f[0]).__name__}: {f[0]}" for r, f in sorted(failures.items())))
     if is_collective_failure(err):  # a collective inside DCP: a rank died or hung
-        return RankError(f"rank {rank}: another rank died or did not answer in time: {str(err).splitlines()[0][:300]}")
+        return RankError(f"rank {rank}: {others(rank, world)} died or did not answer in time: {str(err).splitlines()[0][:300]}")
     return err if isinstance(err, Exception) else RankError(str(err))
 
 
@@ -255,7 +255,7 @@ def restore_shards(
     try:
         saved.load(targets, ranks)
     except FAILURES as err:
-        raise own_error(err, ranks.rank) from None
+        raise own_error(err, ranks.rank, ranks.world) from None
     tree = saved.tree(targets, entries=state)  # saved entries holding tensors that state did not ask for are not read
     restored = _apply(state, tree, pairs)
     return {k: v for k, v in tree.items() if k not in restored}, [k for k in state if k not in saved.skeleton]

@@ -142,8 +142,11 @@ def killed(cfg: dict, rank: int, out: dict) -> None:
         real_write = ckptstore.sharded._CountingStream.write
 
         def die_midway(self: Any, data: Any) -> int:
-            if self.checksum.size > 0:  # some bytes of the shard are out: die mid-file
+            if self.checksum.size > 0 and "hang" not in cfg:  # some bytes of the shard are out: die mid-file
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.checksum.size > 0 and cfg.get("hang"):  # or stall there, once, then go on
+                time.sleep(cfg["hang"])
+                cfg["hang"] = 0
             return real_write(self, data)
         ckptstore.sharded._CountingStream.write = die_midway  # type: ignore[method-assign]
     started = time.monotonic()

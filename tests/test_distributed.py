@@ -146,7 +146,7 @@ def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(p
 @pytest.mark.timeout(300)
 def test_a_rank_killed_mid_save_commits_nothing_and_the_other_rank_raises(process_store, tmp_path):
     ranks, codes = run_job("killed", process_store, tmp_path / "job", rank_timeout=30)
-    zero, one = ranks
+    zero = ranks[0]
     assert codes[1] == -9 and codes[0] == 0
     assert "saved" not in zero and zero["error"]["type"] == "RankError", zero
     assert zero["seconds"] < 30  # a dead peer is seen at once, not after the timeout
@@ -160,3 +160,14 @@ def test_a_rank_killed_mid_save_commits_nothing_and_the_other_rank_raises(proces
     assert scan(storage).abandoned == {} and not any(p.startswith("step_00000002/") for p in storage.list_files())
     m = model()
     assert mgr.restore({"model": m}, strict=False).checkpoint.step == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_hangs_mid_save_is_named_after_rank_timeout(tmp_path):
+    """Not dead, only stuck (a stalled upload): the others give up after rank_timeout, not never."""
+    store = type("S", (), {"url": str(tmp_path / "root"), "storage_options": {}})()
+    ranks, _ = run_job("killed", store, tmp_path / "job", rank_timeout=4, hang=12)
+    zero = ranks[0]
+    assert zero["error"]["type"] == "RankError" and "rank 1" in zero["error"]["message"], zero
+    assert 3.5 < zero["seconds"] < 11  # about rank_timeout, not the 12 s the other rank hangs
+    assert [i.step for i in CheckpointManager(store.url).checkpoints()] == [1]
