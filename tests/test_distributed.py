@@ -171,3 +171,23 @@ def test_a_rank_that_hangs_mid_save_is_named_after_rank_timeout(tmp_path):
     assert zero["error"]["type"] == "RankError" and "rank 1" in zero["error"]["message"], zero
     assert 3.5 < zero["seconds"] < 11  # about rank_timeout, not the 12 s the other rank hangs
     assert [i.step for i in CheckpointManager(store.url).checkpoints()] == [1]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_the_example_resumes_under_torchrun_on_two_ranks_then_one(tmp_path, fsdp):
+    """examples/ddp_train.py as the README runs it: killed-and-restarted is a second run; FSDP2 also on one rank."""
+    example = Path(__file__).parents[1] / "examples" / "ddp_train.py"
+    root = str(tmp_path / "runs")
+
+    def torchrun(ranks: int, steps: int) -> str:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+                               str(free_port()), str(example), root, "--steps", str(steps), *(["--fsdp"] if fsdp else [])],
+                              capture_output=True, text=True, timeout=JOB_SECONDS, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = torchrun(2, 15)
+    assert "fresh start" in first and "step 14:" in first and ("4 files" if fsdp else "1 files") in first
+    again = torchrun(2 if not fsdp else 1, 25)  # FSDP2 resumes on one rank: DCP reshards
+    assert "resuming after step 14" in again and "step 24:" in again
+    assert [i.step for i in CheckpointManager(root).checkpoints()] == [20, 24]
