@@ -418,8 +418,12 @@ class CheckpointManager:
 
         The best-model export is brought up to date first, so no checkpoint it needs is lost.
         Leftovers (unfinished saves, temp files, incomplete multipart uploads) idle for
-        ``abandoned_after`` are removed too.
+        ``abandoned_after`` are removed too. In a distributed job rank 0 prunes for every rank.
         """
+        self._background.settle()
+        return self._ranks.on_leader(functools.partial(self._prune, dry_run))
+
+    def _prune(self, dry_run: bool) -> list[CheckpointInfo]:
         found = self._scan()
         doomed = self._doomed(found.committed)
         if not dry_run:
@@ -500,6 +504,10 @@ class CheckpointManager:
             >>> mgr.delete(mgr.save({"x": 1}, step=1).step).step
             1
         """
+        self._background.settle()
+        return self._ranks.on_leader(functools.partial(self._delete_one, which))  # rank 0 deletes for every rank
+
+    def _delete_one(self, which: Which) -> CheckpointInfo | None:
         found = self._scan()
         folder = self._folder_of(which)
         files = found.damaged(folder) if folder else None

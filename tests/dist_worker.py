@@ -78,6 +78,8 @@ def replicated(cfg: dict, rank: int, out: dict) -> None:
         time.sleep(0.2)
     out["preempted"] = [mgr.reached_preemption(5), mgr.should_save(5)]
     watcher.stop()
+    out["pruned"] = [i.step for i in mgr.prune()]  # collective: rank 0 prunes, every rank learns what
+    out["deleted"] = mgr.delete(2).step
 
 
 def sharded(cfg: dict, rank: int, out: dict) -> None:
