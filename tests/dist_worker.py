@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -125,6 +126,19 @@ def sharded(cfg: dict, rank: int, out: dict) -> None:
         out["refused"] = error_of(err)
     ckptstore.sharded._CountingStream.write = real_write  # type: ignore[method-assign]
     out["kept_after_refusal"] = [i.step for i in mgr.checkpoints()]
+    mgr.save({"model": m, "optim": opt, "epoch": 5}, step=5)
+    if rank == 0:  # damage rank 1's shard of step 5: only the rank that checks that file can see it
+        newest = mgr.latest()
+        shard = next(f.path for f in newest.files if ".rank1-" in f.path)
+        fs, root = fsspec.core.url_to_fs(cfg["root"], **cfg["storage_options"])
+        path = f"{root.rstrip('/')}/{newest.name}/{shard}"
+        data = bytearray(fs.cat_file(path))
+        data[len(data) // 2] ^= 0xFF
+        fs.pipe_file(path, bytes(data))
+    dist.barrier()
+    fallback = mgr.restore({"model": fresh, "optim": fresh_opt})  # every rank falls back, together
+    out["fell_back_to"] = fallback.checkpoint.name
+    mgr.delete(5)
 
 
 def killed(cfg: dict, rank: int, out: dict) -> None:

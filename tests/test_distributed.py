@@ -104,6 +104,7 @@ def test_sharded_state_is_written_by_every_rank_and_restores_on_two_and_on_one(p
     assert zero["refused"]["type"] == "RankError" and "rank 1" in zero["refused"]["message"]
     assert one["refused"]["type"] == "StorageError" and "injected" in one["refused"]["message"]
     assert zero["kept_after_refusal"] == one["kept_after_refusal"] == [3, 4]  # nothing committed, nothing lost
+    assert zero["fell_back_to"] == one["fell_back_to"] == "step_00000004"  # rank 0 found step 5 damaged: both fell back
 
     options = process_store.storage_options
     mgr = CheckpointManager(process_store.url, storage_options=options)
