@@ -93,6 +93,8 @@ def test_the_defaults_bound_every_request_and_the_callers_options_win(remote_sto
     assert remote_store.storage_options.get("config_kwargs") is None  # the caller's dict is not changed
 
 
+@pytest.mark.parametrize("remote_store", [pytest.param("s3", marks=pytest.mark.remote),  # gcs: 6 tries of 6 s, make test-long
+                                          pytest.param("gcs", marks=[pytest.mark.remote, pytest.mark.long])], indirect=True)
 def test_a_store_that_stalls_every_commit_fails_the_save_within_the_bound(remote_store, proxy):
     """The manifest write never gets a reply: the save raises after the bounded retries (not
     after minutes), commits nothing, and the checkpoint before it is intact."""
