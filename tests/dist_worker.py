@@ -79,6 +79,10 @@ def replicated(cfg: dict, rank: int, out: dict) -> None:
         time.sleep(0.2)
     out["preempted"] = [mgr.reached_preemption(5), mgr.should_save(5)]
     watcher.stop()
+    timed = CheckpointManager(cfg["root"].rstrip("/") + "_timed", storage_options=cfg["storage_options"], save_interval_seconds=1.0)
+    if rank == 1:  # rank 1's clock says "due", rank 0's does not yet: they must agree
+        time.sleep(1.1)
+    out["timed"] = timed.should_save(1)
     out["pruned"] = [i.step for i in mgr.prune()]  # collective: rank 0 prunes, every rank learns what
     out["deleted"] = mgr.delete(2).step
 
