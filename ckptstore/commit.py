@@ -95,7 +95,7 @@ def commit_manifest(storage: FsspecStorage, info: CheckpointInfo) -> CheckpointI
         if there is None or not _names_our_files(there, info.files):
             raise  # not committed; the data files are an unfinished save, removed once idle
         log.info("%s: the manifest write failed after it was stored; the manifest there is ours", info.url)
-    if not all(storage.exists(f"{name}/{entry.path}") for entry in info.files):  # removed under us by a concurrent cleanup
+    if not _all_present(storage, info):  # removed under us by a concurrent cleanup
         delete_manifest_if(storage, name, lambda data: _names_our_files(data, info.files))
         raise StorageError(
             f"{storage.url(name)}: {'the' if len(info.files) == 1 else 'a'} data file vanished while committing "
@@ -103,6 +103,15 @@ def commit_manifest(storage: FsspecStorage, info: CheckpointInfo) -> CheckpointI
             "folder); the checkpoint was un-committed. Do not let two jobs write the same root"
         )
     return info
+
+
+def _all_present(storage: FsspecStorage, info: CheckpointInfo) -> bool:
+    """Whether every data file ``info`` lists is there: one HEAD for one file, one listing of the
+    folder for many (a sharded checkpoint of a thousand ranks: 1 LIST page, not 1,000 HEADs)."""
+    if len(info.files) == 1:
+        return storage.exists(f"{info.name}/{info.files[0].path}")
+    listed = storage.list_files(info.name)
+    return all(f"{info.name}/{entry.path}" in listed for entry in info.files)
 
 
 def check_free(storage: FsspecStorage, found: Scan, step: int, name: str, allow_older: bool) -> None:
@@ -227,8 +236,7 @@ def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
 def delete_checkpoint(storage: FsspecStorage, info: CheckpointInfo) -> None:
     """Un-commit ``info`` (manifest first, atomically), then delete exactly the files it lists."""
     delete_manifest_if(storage, info.name, lambda data: _names_our_files(data, info.files))
-    for entry in info.files:
-        storage.delete(f"{info.name}/{entry.path}")
+    storage.delete_many([f"{info.name}/{entry.path}" for entry in info.files])
     storage.remove_folder(info.name)
 
 

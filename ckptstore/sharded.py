@@ -105,7 +105,7 @@ def write_shards(storage: FsspecStorage, folder: str, token: str, tree: Any, ran
     wrote: ``{path under the root: (size, crc32c)}``. Rank 0 also writes the tree file.
     """
     tensors, skeleton = flatten(tree)
-    files = _StoreFiles(storage)
+    files = _StoreFiles(storage, size_hint=sum(_local_bytes(t) for t in tensors.values()))
     writer = _Writer(files, folder, token)
     with _one_process_is_meant():
         dcp.save(tensors, storage_writer=writer, process_group=ranks.group, no_dist=not ranks.distributed)
@@ -140,11 +140,17 @@ def own_error(err: BaseException, rank: int, world: int) -> Exception:
     return err if isinstance(err, Exception) else RankError(str(err))
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` this rank holds: a DTensor's local shard, a plain tensor whole."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
 class _StoreFiles(FileSystemBase):
     """DCP's file interface over a ckptstore storage; remembers the size and CRC32C of what it writes."""
 
-    def __init__(self, storage: FsspecStorage) -> None:
-        self.storage = storage
+    def __init__(self, storage: FsspecStorage, size_hint: int = 0) -> None:
+        self.storage, self.size_hint = storage, size_hint  # the hint sizes upload parts: S3 allows 10,000
         self.written: dict[str, tuple[int, int]] = {}
 
     @contextlib.contextmanager
@@ -154,7 +160,7 @@ class _StoreFiles(FileSystemBase):
             with self.storage.open_read(path) as f:
                 yield f  # type: ignore[misc]
             return
-        with self.storage.open_write(path) as raw:
+        with self.storage.open_write(path, self.size_hint) as raw:
             out = _CountingStream(raw)
             yield out
         self.written[path] = (out.checksum.size, out.checksum.crc)
