@@ -110,7 +110,7 @@ def _convert_dcp(storage: FsspecStorage, info: CheckpointInfo, out_storage: Fssp
                  progress: Progress | None) -> int:
     """A checkpoint saved by every rank of a job, gathered whole into one stock file (its shards'
     CRC32C checked first: DCP's reader cannot check them on the way)."""
-    from .sharded import read_tree  # DCP: imported for sharded checkpoints only
+    from .dcp_files import read_tree  # DCP: imported for sharded checkpoints only
 
     for entry in info.files:  # ``storage`` is the checkpoint's folder
         verify_file(storage, entry.path, entry)

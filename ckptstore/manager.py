@@ -353,7 +353,7 @@ class CheckpointManager:
 
     def _write_sharded(self, tree: Any, step: int, name: str, values: dict[str, float], allow_older: bool) -> CheckpointInfo:
         """Every rank writes its shards at once; rank 0 gathers their sizes and CRC32C and commits them all."""
-        from . import sharded
+        from . import dcp_files, sharded
 
         prepared: list[Scan] = []  # the root as rank 0 listed it, for retention after the commit
 
@@ -365,7 +365,7 @@ class CheckpointManager:
         failed: list[BaseException] = []  # a box, not a local: see ranks.raise_dropped
         written: dict[str, tuple[int, int]] = {}
         try:
-            written = sharded.write_shards(self.storage, name, token, tree, self._ranks)
+            written = dcp_files.write_shards(self.storage, name, token, tree, self._ranks)
         except sharded.FAILURES as err:  # every rank must reach the check below, or the others wait for it
             failed.append(sharded.own_error(err, self._ranks.rank, self._ranks.world))
         self._ranks.check_all(failed, f"writing the shards of {self.storage.url(name)}")

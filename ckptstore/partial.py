@@ -175,7 +175,7 @@ def _load_dcp(
 ) -> LoadReport:
     """A checkpoint saved by every rank of a job: matched by the saved global shapes in DCP's
     metadata, loaded in place by DCP's reader (one process, whatever world size saved it)."""
-    from .sharded import SavedShards  # DCP: imported for sharded checkpoints only
+    from .dcp_files import SavedShards  # DCP: imported for sharded checkpoints only
 
     saved = SavedShards(storage, "", [f.path for f in info.files])  # ``storage`` is the checkpoint's folder
     prefix = "model" if key is None else key
@@ -247,7 +247,7 @@ def describe(
                    for k, v in plan(index.storage, shard, report, weights_only=weights_only).tensors().items()}
         where, values, info = index.url, {"shards": index.shards}, None
     elif resolved[2] is not None and resolved[2].format == SHARDED_FORMAT:  # saved by every rank: DCP's metadata
-        from .sharded import SavedShards
+        from .dcp_files import SavedShards
 
         info = resolved[2]
         saved = SavedShards(resolved[0], "", [f.path for f in info.files])

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import ckptstore.sharded
+import ckptstore.dcp_files
 from ckptstore import CheckpointManager, CkptStoreError
 
 
@@ -119,16 +119,16 @@ def sharded(cfg: dict, rank: int, out: dict) -> None:
     mgr.save({"model": m, "optim": opt, "epoch": 4, "lr": [0.1]}, step=4)
     if rank == 0:
         torch.save({"model": model_state, "optim": optim_state}, os.path.join(cfg["out"], "step4.pt"))
-    real_write = ckptstore.sharded._CountingStream.write
+    real_write = ckptstore.dcp_files._CountingStream.write
     if rank == 1:  # a store that refuses rank 1's shard: no rank commits, every rank says so
         def refuse(self: Any, data: Any) -> int:
             raise ckptstore.StorageError("injected: the store refused rank 1's shard")
-        ckptstore.sharded._CountingStream.write = refuse  # type: ignore[method-assign]
+        ckptstore.dcp_files._CountingStream.write = refuse  # type: ignore[method-assign]
     try:
         mgr.save({"model": m, "optim": opt, "epoch": 5}, step=5)
     except CkptStoreError as err:
         out["refused"] = error_of(err)
-    ckptstore.sharded._CountingStream.write = real_write  # type: ignore[method-assign]
+    ckptstore.dcp_files._CountingStream.write = real_write  # type: ignore[method-assign]
     out["kept_after_refusal"] = [i.step for i in mgr.checkpoints()]
     mgr.save({"model": m, "optim": opt, "epoch": 5}, step=5)
     if rank == 0:  # damage rank 1's shard of step 5: only the rank that checks that file can see it
@@ -159,7 +159,7 @@ def killed(cfg: dict, rank: int, out: dict) -> None:
     mgr.save({"model": m, "optim": opt}, step=1)
     train(m, opt, 1, rank)
     if rank == 1:
-        real_write = ckptstore.sharded._CountingStream.write
+        real_write = ckptstore.dcp_files._CountingStream.write
 
         def die_midway(self: Any, data: Any) -> int:
             if self.checksum.size > 0 and "hang" not in cfg:  # some bytes of the shard are out: die mid-file
@@ -168,7 +168,7 @@ def killed(cfg: dict, rank: int, out: dict) -> None:
                 time.sleep(cfg["hang"])
                 cfg["hang"] = 0
             return real_write(self, data)
-        ckptstore.sharded._CountingStream.write = die_midway  # type: ignore[method-assign]
+        ckptstore.dcp_files._CountingStream.write = die_midway  # type: ignore[method-assign]
     started = time.monotonic()
     out["step1"] = True
     try:
