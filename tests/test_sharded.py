@@ -17,7 +17,7 @@ from torch import nn
 import ckptstore
 from ckptstore import CheckpointManager, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from ckptstore.convert import convert
-from ckptstore.storage import open_storage
+from ckptstore.storage import FsspecStorage, open_storage
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -187,3 +187,21 @@ def test_retention_deletes_every_file_of_a_sharded_checkpoint_and_leftovers_go(s
         f.write(b"partial")
     mgr.prune()
     assert not any(p.startswith("step_00000003/") for p in storage.list_files())
+
+
+def test_a_partial_load_of_a_sharded_checkpoint_fetches_only_the_items_it_loads(store, monkeypatch):
+    mgr, m, _ = saved(store)
+    info = mgr.latest()
+    shard = next(f for f in info.files if f.path.endswith(".distcp"))
+    fetched: list[int] = []
+    real = FsspecStorage.read_ranges
+
+    def spy(self, path, ranges):
+        fetched.extend(end - start for start, end in ranges)
+        return real(self, path, ranges)
+
+    monkeypatch.setattr(FsspecStorage, "read_ranges", spy)
+    target = {"2.bias": torch.zeros(2)}
+    report = ckptstore.load_partial(store.join(info.name), target, storage_options=store.storage_options)
+    assert report.loaded == ["2.bias"] and torch.equal(target["2.bias"], plain(m[2].bias))
+    assert len(fetched) == 1 and fetched[0] < shard.size / 10  # one item's bytes, not the shard file
