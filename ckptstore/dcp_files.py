@@ -191,11 +191,11 @@ class SavedShards:
             if isinstance(m, dcp_metadata.TensorStorageMetadata)
         }
 
-    def load(self, targets: dict[str, torch.Tensor], ranks: Ranks | None = None) -> None:
+    def load(self, targets: dict[str, torch.Tensor], ranks: Ranks | None = None, copies: FsspecStorage | None = None) -> None:
         """Fill ``targets`` (a subset of the saved keys, each of its saved global shape) in place;
         DTensors get their own shard, resharded by DCP's planner."""
         ranks = ranks or Ranks()
-        reader = _Reader(_StoreFiles(self.storage), self.folder, self.meta_name, self.metadata)
+        reader = _Reader(_StoreFiles(self.storage), self.folder, self.meta_name, self.metadata, copies)
         planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
         with _one_process_is_meant():
             dcp.load(targets, storage_reader=reader, planner=planner, process_group=ranks.group, no_dist=not ranks.distributed)
@@ -215,14 +215,23 @@ class _Reader(FileSystemReader):
 
     DCP's own reader opens each file as a stream and lets ``torch.load`` seek about in every
     item; through a remote store's read-ahead that moved three times the file's bytes. Here the
-    items of a file are fetched as exact ranges, concurrently, in batches of at most
-    ``BATCH_BYTES`` (what this rank holds in flight), then each is loaded from memory.
+    items of a file are fetched as exact ranges (adjacent ones joined up to a part's size),
+    ``transfers.in_flight`` parts at once on a remote store and one at a time on a local disk,
+    then each is loaded from memory; files the restore already checked and kept locally
+    (``copies``) are read from there.
     """
 
-    def __init__(self, files: _StoreFiles, folder: str, meta_name: str, metadata: dcp_metadata.Metadata) -> None:
+    def __init__(self, files: _StoreFiles, folder: str, meta_name: str, metadata: dcp_metadata.Metadata,
+                 copies: FsspecStorage | None) -> None:
         super().__init__(folder)
         self.fs, self.path = files, folder  # type: ignore[assignment]
-        self._storage, self._metadata = files.storage, metadata
+        self._storage, self._metadata, self._copies = files.storage, metadata, copies
+
+    def _fetch(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges of the file ``name``: from a checked local copy of it if the restore kept one, else from the store."""
+        if self._copies is not None and self._copies.exists(name):
+            return self._copies.read_ranges(name, ranges)
+        return self._storage.read_ranges(posixpath.join(self.path, name), ranges)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         return self._metadata
@@ -233,13 +242,14 @@ class _Reader(FileSystemReader):
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
         for name, items in per_file.items():
             items.sort(key=lambda item: self.storage_data[item.storage_index].offset)
-            path = posixpath.join(self.path, name)
-            for batch in _batches(items, lambda item: self.storage_data[item.storage_index].length):
+            transfers = self._storage.transfers
+            in_flight = 1 if self._storage.is_local else transfers.in_flight  # a local read is as fast alone
+            for batch in _batches(items, lambda item: self.storage_data[item.storage_index].length, in_flight * transfers.part_bytes):
                 where = [self.storage_data[item.storage_index] for item in batch]
                 if any(w.transform_descriptors for w in where):
-                    raise CorruptCheckpointError(f"{self._storage.url(path)}: stream transforms are not supported")
-                runs = _runs([(w.offset, w.offset + w.length) for w in where], self._storage.transfers.part_bytes)
-                fetched = self._storage.read_ranges(path, runs)
+                    raise CorruptCheckpointError(f"{self._storage.url(name)}: stream transforms are not supported")
+                runs = _runs([(w.offset, w.offset + w.length) for w in where], transfers.part_bytes)
+                fetched = self._fetch(name, runs)
                 starts = [start for start, _ in runs]
                 for item, w in zip(batch, where):
                     run = bisect.bisect_right(starts, w.offset) - 1
@@ -250,15 +260,15 @@ class _Reader(FileSystemReader):
         return done
 
 
-BATCH_BYTES = 64 * 2**20
+SMALL_ITEM = 256 * 2**10  # an item this small rides along with the run before it
 
 
-def _batches(items: list[Any], size: Callable[[Any], int]) -> Iterator[list[Any]]:
-    """``items`` in runs of at most ``BATCH_BYTES`` (an item larger than that alone)."""
+def _batches(items: list[Any], size: Callable[[Any], int], most: int) -> Iterator[list[Any]]:
+    """``items`` in runs of at most ``most`` bytes (an item larger than that alone)."""
     batch: list[Any] = []
     total = 0
     for item in items:
-        if batch and total + size(item) > BATCH_BYTES:
+        if batch and total + size(item) > most:
             yield batch
             batch, total = [], 0
         batch.append(item)
@@ -269,10 +279,11 @@ def _batches(items: list[Any], size: Callable[[Any], int]) -> Iterator[list[Any]
 
 def _runs(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
     """Sorted ``ranges`` joined where one ends where the next begins, each run at most ``most``
-    bytes (or one range): a few requests for many small items, several in flight for big ones."""
+    bytes unless the range joined is small (a bias after its weight): a few requests for many
+    small items, several in flight for big ones."""
     runs: list[tuple[int, int]] = []
     for start, end in ranges:
-        if runs and runs[-1][1] == start and end - runs[-1][0] <= most:
+        if runs and runs[-1][1] == start and (end - runs[-1][0] <= most or end - start <= SMALL_ITEM):
             runs[-1] = (runs[-1][0], end)
         else:
             runs.append((start, end))

@@ -24,9 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import re
+import tempfile
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,13 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import empty as distributed_empty
 
-from .commit import verify_checkpoint
+from .commit import verify_file
 from .dcp_files import SavedShards
 from .errors import CkptStoreError, CorruptCheckpointError, RankError, StateMismatchError, StorageError
 from .inplace import restore_into
-from .manifest import CheckpointInfo
+from .manifest import CheckpointInfo, FileEntry
 from .ranks import Ranks, is_collective_failure, others
-from .storage import FsspecStorage
+from .serializers import Source, read_checked
+from .storage import FsspecStorage, open_storage
 from .tree import canonicalize, flatten
 
 
@@ -116,15 +119,51 @@ def restore_shards(
     tensors with no live counterpart (a fresh optimizer's state) get new ones, sharded like the
     parameter they belong to.
     """
-    if verify:
-        problem = None
-        try:
-            verify_checkpoint(storage, dataclasses.replace(info, files=info.files[ranks.rank :: ranks.world]))
-        except CorruptCheckpointError as err:
-            problem = str(err)
-        problems = [p for p in ranks.gather(problem) if p is not None]
-        if problems:
-            raise CorruptCheckpointError("; ".join(problems))
+    with tempfile.TemporaryDirectory(prefix="ckptstore-shards-") as folder:
+        copies = _checked_copies(storage, info, ranks, folder) if verify else None
+        return _restore_checked(storage, info, state, ranks, strict, copies)
+
+
+def _checked_copies(storage: FsspecStorage, info: CheckpointInfo, ranks: Ranks, folder: str) -> FsspecStorage | None:
+    """Check the CRC32C of this rank's share of the files (its own shards first: the ones it will most
+    likely read); on a remote store keep each checked file in ``folder``, so the load reads it from
+    there, not twice from the store. Raises CorruptCheckpointError on every rank if any found damage."""
+    problem = None
+    try:
+        for entry in share(info.files, ranks.rank, ranks.world):
+            path = f"{info.name}/{entry.path}"
+            if storage.local_path(path) is not None:
+                verify_file(storage, path, entry)
+                continue
+            with open(os.path.join(folder, entry.path), "wb") as copy:
+                read_checked(Source(storage, path, entry.size), entry.crc32c, copy_to=copy)
+    except CorruptCheckpointError as err:
+        problem = str(err)
+    problems = [p for p in ranks.gather(problem) if p is not None]
+    if problems:
+        raise CorruptCheckpointError("; ".join(problems))
+    return None if storage.is_local else open_storage(folder)
+
+
+def share(files: Sequence[FileEntry], rank: int, world: int) -> list[FileEntry]:
+    """The files ``rank`` checks: every ``.rank<r>-`` file with r mod world = rank, and a round-robin share of the rest.
+
+    Example:
+        >>> names = ["s.dcp-metadata", "s.rank0-0.distcp", "s.rank1-0.distcp", "s.tree.json"]
+        >>> [f.path for f in share([FileEntry(n, 1, 0) for n in names], 1, 2)]
+        ['s.rank1-0.distcp', 's.tree.json']
+    """
+    owner = {e.path: int(m.group(1)) % world for e in files if (m := _RANK_FILE.search(e.path))}
+    rest = [e for e in files if e.path not in owner]
+    return [e for e in files if owner.get(e.path) == rank] + rest[rank::world]
+
+
+_RANK_FILE = re.compile(r"\.rank(\d+)-\d+\.distcp$")
+
+
+def _restore_checked(
+    storage: FsspecStorage, info: CheckpointInfo, state: Mapping[str, Any], ranks: Ranks, strict: bool, copies: FsspecStorage | None,
+) -> tuple[dict[str, Any], list[str]]:
     failed: list[BaseException] = []  # a box, not a local: see ranks.raise_dropped
     try:
         saved = SavedShards(storage, info.name, [f.path for f in info.files])
@@ -134,7 +173,7 @@ def restore_shards(
         failed.append(err)
     ranks.check_all(failed, f"planning the restore of {info.url}")
     try:
-        saved.load(targets, ranks)
+        saved.load(targets, ranks, copies)
     except FAILURES as err:
         raise own_error(err, ranks.rank, ranks.world) from None
     tree = saved.tree(targets, entries=state)  # saved entries holding tensors that state did not ask for are not read

@@ -205,3 +205,24 @@ def test_a_partial_load_of_a_sharded_checkpoint_fetches_only_the_items_it_loads(
     report = ckptstore.load_partial(store.join(info.name), target, storage_options=store.storage_options)
     assert report.loaded == ["2.bias"] and torch.equal(target["2.bias"], plain(m[2].bias))
     assert len(fetched) == 1 and fetched[0] < shard.size / 10  # one item's bytes, not the shard file
+
+
+def test_a_checked_restore_downloads_each_shard_once(store, monkeypatch):
+    """The CRC32C pass keeps each checked file locally (remote stores), so the load does not fetch it again."""
+    mgr, m, _ = saved(store)
+    from_store: list[str] = []
+    real = FsspecStorage.read_ranges
+
+    def spy(self, path, ranges):
+        if self.url(path).startswith(store.url):
+            from_store.append(path)
+        return real(self, path, ranges)
+
+    monkeypatch.setattr(FsspecStorage, "read_ranges", spy)
+    fresh = plain_model()
+    mgr.restore({"model": fresh})
+    assert same_weights(fresh, m)
+    if store.kind in ("local", "file"):  # a local disk is read in place: the second read is the page cache's
+        assert from_store and all(".distcp" in p for p in from_store)
+    else:
+        assert from_store == []
