@@ -11,13 +11,13 @@ def test_all_names_exist_and_are_documented():
 
 def test_every_error_is_a_ckptstore_error_and_a_builtin():
     errors = [getattr(ckptstore, n) for n in ckptstore.__all__ if n.endswith(("Error", "Exists", "NotFound", "Dependency"))]
-    assert len(errors) == 11
+    assert len(errors) == 12
     for cls in errors:
         assert issubclass(cls, ckptstore.CkptStoreError)
         assert len(cls.__mro__) > 3 or cls is ckptstore.CkptStoreError, cls  # also a builtin such as ValueError
-        builtins = (ValueError, TypeError, OSError, ImportError)
+        builtins = (ValueError, TypeError, OSError, ImportError, RuntimeError)  # RankError: another rank failed
         assert cls is ckptstore.CkptStoreError or issubclass(cls, builtins), f"{cls.__name__} subclasses no builtin it means"
 
 
 def test_public_surface_is_small():
-    assert len(ckptstore.__all__) <= 19  # 8 verbs and values (Transfers: how a file moves over the network), 11 error classes
+    assert len(ckptstore.__all__) <= 20  # 8 verbs and values (Transfers: how a file moves over the network), 12 error classes
