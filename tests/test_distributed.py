@@ -184,9 +184,10 @@ def test_a_rank_that_hangs_mid_save_is_named_after_rank_timeout(tmp_path):
     assert [i.step for i in CheckpointManager(store.url).checkpoints()] == [1]
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("fsdp", [pytest.param(False, id="ddp", marks=pytest.mark.long), pytest.param(True, id="fsdp")])
 def test_the_example_resumes_under_torchrun_on_two_ranks_then_one(tmp_path, fsdp):
-    """examples/ddp_train.py as the README runs it: killed-and-restarted is a second run; FSDP2 also on one rank."""
+    """examples/ddp_train.py as the README runs it: killed-and-restarted is a second run; FSDP2 also on one rank.
+    (DDP's path is test_replicated_...'s; its example run is in make test-long.)"""
     example = Path(__file__).parents[1] / "examples" / "ddp_train.py"
     root = str(tmp_path / "runs")
 

@@ -139,6 +139,8 @@ def test_a_part_that_fails_for_good_aborts_the_upload_and_commits_nothing(remote
     assert direct.checkpoints() == [] and direct.incomplete_uploads() == []
 
 
+@pytest.mark.parametrize("remote_store", [pytest.param("s3", marks=[pytest.mark.remote, pytest.mark.long]),  # ~36 s: test-long
+                                          pytest.param("gcs", marks=pytest.mark.remote)], indirect=True)
 def test_parts_ride_out_transient_faults(remote_store, slow_link):
     """Parts of a concurrent upload meet 503s, lost replies and resets mid-upload now and then;
     the client re-sends that part alone and every save commits whole.
