@@ -71,6 +71,9 @@ class CheckpointManager:
             (:class:`ckptstore.Transfers`; default 4 of 8 MiB).
         rank_timeout: in a ``torch.distributed`` job, seconds a rank waits for the others at each
             step of a save or restore before it raises :class:`RankError` (see below).
+        distributed: ``None`` (default): join the ``torch.distributed`` job if one is initialized,
+            so creating the manager is itself collective; ``False``: this process alone, as
+            outside a job (a manager made on rank 0 only, under ``if rank == 0:``).
 
     **In a torch.distributed job** (initialized before the manager is made) every rank runs
     the same code and makes the same calls: ``save``, ``restore``, ``prune``, ``delete`` and,
@@ -111,6 +114,7 @@ class CheckpointManager:
         save_interval_seconds: float | None = None,
         transfers: Transfers | None = None,
         rank_timeout: float = 600.0,
+        distributed: bool | None = None,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, monitor, mode)
         self.format = get_format(format)
@@ -127,8 +131,9 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.storage = open_storage(root, storage_options, transfers)
         timeout = arguments.optional_positive("rank_timeout", rank_timeout, float)
-        self._ranks = Ranks.current(timeout)
-        self._agreement = Ranks.current(timeout)  # should_save's own group: it runs beside a background save's
+        alone = distributed is False
+        self._ranks = Ranks() if alone else Ranks.current(timeout)
+        self._agreement = Ranks() if alone else Ranks.current(timeout)  # should_save's own group: beside a background save's
         self._ranks.on_leader(self._check_root)
         self._known = KnownManifests()
         self._export = BestExport(self.storage, export_best, export_key, monitor, mode, self._known) if export_best and monitor else None

@@ -92,6 +92,7 @@ def test_replicated_state_is_written_once_and_every_rank_learns_the_outcome(proc
     assert zero["same_model"] and one["same_model"]
     assert zero["preempted"] == one["preempted"] == [True, True]  # a notice on rank 1 only stops both
     assert zero["timed"] is one["timed"] is True  # save_interval_seconds: due on one rank's clock, due on both
+    assert zero["alone"] == 1 and "alone" not in one  # distributed=False: a manager on rank 0 alone does not wait for rank 1
     assert zero["pruned"] == one["pruned"] == [] and zero["deleted"] == one["deleted"] == 2
     mgr = CheckpointManager(process_store.url, storage_options=process_store.storage_options)
     assert [i.step for i in mgr.checkpoints()] == [3, 4] and set(mgr.verify().values()) == {None}
