@@ -77,7 +77,12 @@ class Ranks:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         number = len(_GROUPS) + 1 + max(_GROUPS, default=0)
-        _GROUPS[number] = dist.new_group(backend="gloo", timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
+        try:
+            _GROUPS[number] = dist.new_group(backend="gloo", timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
+        except RuntimeError as err:  # a rank that never came: a manager made on some ranks only
+            raise RankError(f"rank {dist.get_rank()}: the other ranks did not join ckptstore's process group ({err}); in a "
+                            "torch.distributed job every rank creates the CheckpointManager, or pass distributed=False "
+                            "to use one from this process alone") from err
         return cls(dist.get_rank(), dist.get_world_size(), number)
 
     @property
