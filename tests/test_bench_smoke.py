@@ -38,6 +38,7 @@ def test_bench_suite_runs_every_operation_and_checks_its_results(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test-long: make test stays under 15 min
 def test_bench_history_measures_every_call_at_every_size_and_writes_its_section(tmp_path):
     out, results = tmp_path / "history.json", tmp_path / "RESULTS.md"  # never the real RESULTS.md
     done = subprocess.run(
@@ -56,6 +57,7 @@ def test_bench_history_measures_every_call_at_every_size_and_writes_its_section(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test-long: make test stays under 15 min
 def test_bench_async_measures_every_cell_and_writes_its_section(tmp_path):
     out, results = tmp_path / "async.json", tmp_path / "RESULTS.md"  # never the real RESULTS.md
     done = subprocess.run(

@@ -252,6 +252,8 @@ def _report(store: Any, counts: dict[str, int], raised: list[str]) -> None:
         print("  ", line)
 
 
+@pytest.mark.parametrize("remote_store", [pytest.param("s3", marks=pytest.mark.remote),  # gcs: 28 s more, make test-long
+                                          pytest.param("gcs", marks=[pytest.mark.remote, pytest.mark.long])], indirect=True)
 def test_saves_restores_and_partial_loads_ride_out_a_storm_of_faults(remote_store, proxy):
     """Every kind of transient fault at least once (make test-long: 100 of each kind)."""
     counts, raised = storm(remote_store, proxy, per_kind=1, max_rounds=60, seed=1)
