@@ -8,7 +8,7 @@ a restore do with them:
 
 * **Models and optimizers** are saved the way DCP recommends, by ``get_model_state_dict`` /
   ``get_optimizer_state_dict`` (optimizer state keyed by parameter name, so it reshards), and
-  restored by their ``set_*`` twins; a fresh optimizer's state is allocated like its parameter.
+  restored by their ``set_*`` twins (``get_optimizer_state_dict`` gives a fresh optimizer its state first).
 * **Restore** checks the CRC32C of every file (each rank a share) and every saved global shape
   against the live one before any byte moves; every rank learns whether any rank failed.
 * **Failures** inside DCP become the failing rank's own error and a RankError on the others.
@@ -39,8 +39,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import empty as distributed_empty
 
 from .commit import verify_file
 from .dcp_files import SavedShards
@@ -115,9 +113,8 @@ def restore_shards(
     ``state`` the checkpoint lacks (an error if ``strict``).
 
     Before any live byte changes: ``verify`` checks every file's size and CRC32C (each rank a
-    share of the files), and the saved global shapes are checked against the live ones. Saved
-    tensors with no live counterpart (a fresh optimizer's state) get new ones, sharded like the
-    parameter they belong to.
+    share of the files), and the saved global shapes are checked against the live ones. A saved
+    tensor of an entry of ``state`` with no live counterpart is read into a new CPU tensor.
     """
     with tempfile.TemporaryDirectory(prefix="ckptstore-shards-") as folder:
         copies = _checked_copies(storage, info, ranks, folder) if verify else None
@@ -168,7 +165,7 @@ def _restore_checked(
     try:
         saved = SavedShards(storage, info.name, [f.path for f in info.files])
         live, pairs = model_and_optimizers(state)
-        targets = _targets(saved, state, live, pairs, strict, storage.url(info.name))
+        targets = _targets(saved, state, live, strict, storage.url(info.name))
     except Exception as err:  # every rank must reach the check below, or the others wait in DCP's load
         failed.append(err)
     ranks.check_all(failed, f"planning the restore of {info.url}")
@@ -182,7 +179,7 @@ def _restore_checked(
 
 
 def _targets(
-    saved: SavedShards, state: Mapping[str, Any], live: Mapping[str, Any], pairs: Mapping[str, str], strict: bool, where: str,
+    saved: SavedShards, state: Mapping[str, Any], live: Mapping[str, Any], strict: bool, where: str,
 ) -> dict[str, torch.Tensor]:
     """The tensor each saved tensor of an entry in ``state`` loads into; raise before any byte moves if one cannot."""
     missing = [k for k in state if k not in saved.skeleton]
@@ -195,23 +192,8 @@ def _targets(
     if wrong:
         raise StateMismatchError(f"{where}: saved and live shapes differ: " + ", ".join(
             f"{k} {a} vs {b}" for k, (a, b) in sorted(wrong.items())[:8]))
-    return {k: live_tensors[k] if k in live_tensors else _new_target(k, shape, dtype, live_tensors, pairs)
+    return {k: live_tensors[k] if k in live_tensors else torch.empty(shape, dtype=dtype)
             for k, (shape, dtype) in shapes.items() if k.split("/")[0] in state}
-
-
-def _new_target(
-    key: str, shape: tuple[int, ...], dtype: torch.dtype, live: Mapping[str, torch.Tensor], pairs: Mapping[str, str],
-) -> torch.Tensor:
-    """A tensor to load saved ``key`` into: a DTensor sharded like its parameter for optimizer
-    state (``<optimizer>/state/<parameter>/<name>``), else a plain CPU tensor."""
-    parts = key.split("/")
-    if len(parts) == 4 and parts[1] == "state" and parts[0] in pairs:
-        param = live.get(f"{pairs[parts[0]]}/{parts[2]}")
-        if isinstance(param, DTensor) and tuple(param.shape) == shape:
-            return distributed_empty(shape, dtype=dtype, device_mesh=param.device_mesh, placements=param.placements)
-        if param is not None and tuple(param.shape) == shape:
-            return torch.empty(shape, dtype=dtype, device=param.device)
-    return torch.empty(shape, dtype=dtype)
 
 
 def _apply(state: Mapping[str, Any], tree: Mapping[str, Any], pairs: Mapping[str, str]) -> set[str]:
