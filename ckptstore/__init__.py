@@ -22,7 +22,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from .files import load, save
+from .files import delete, exists, load, save
 from .manager import CheckpointManager
 from .manifest import CheckpointInfo
 from .network import Transfers
@@ -49,6 +49,8 @@ __all__ = [
     "Transfers",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
+    "delete",
+    "exists",
     "load",
     "load_partial",
     "save",

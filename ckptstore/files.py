@@ -1,4 +1,4 @@
-"""Single-file helpers: ``torch.save``/``torch.load`` for any URL, written atomically.
+"""Single-file helpers: ``torch.save``/``torch.load``, ``exists`` and ``delete`` for any URL.
 
 ``save`` writes through :meth:`FsspecStorage.open_write`, so the file appears whole or not
 at all (and an earlier file of the same name survives a failed save). The format follows
@@ -19,23 +19,32 @@ from . import shards
 from . import tree as treelib
 from .errors import ConfigError, CorruptCheckpointError
 from .safetensors_header import header_length, parse_header
-from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, TorchFormat, format_for_path
+from .serializers import ChecksumWriter, MapLocation, SafetensorsFormat, Source, TorchFormat, format_for_path, get_format
 from .sniff import HEAD_BYTES, file_format
 from .storage import open_parent
 from .torch_zip import data_pickles
 
 
-def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
-    """Save ``obj`` to ``url`` atomically: ``.safetensors`` as a state tree, else ``torch.save``.
+def save(
+    obj: Any, url: str | os.PathLike[str], *, format: str | None = None, storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Save ``obj`` to ``url`` atomically, in bounded memory: the bytes stream to the store.
+
+    ``format``: ``"safetensors"`` stores a state tree (see :mod:`ckptstore.tree`: no pickle),
+    ``"torch"`` is a plain ``torch.save`` of ``obj``, whole modules included; ``None`` (the
+    default) picks safetensors for a ``.safetensors`` name and torch for any other.
 
     Example:
         >>> save({"w": torch.ones(2)}, "memory://doc/files/w.pt")
         >>> load("memory://doc/files/w.pt")["w"]
         tensor([1., 1.])
+        >>> save({"w": torch.ones(2)}, "memory://doc/files/w.bin", format="safetensors")
+        >>> exists("memory://doc/files/w.bin"), delete("memory://doc/files/w.bin"), exists("memory://doc/files/w.bin")
+        (True, None, False)
     """
+    fmt = format_for_path(os.fspath(url)) if format is None else get_format(format)
     storage, name = open_parent(url, storage_options)
     storage.makedirs()
-    fmt = format_for_path(name)
     if isinstance(fmt, SafetensorsFormat):
         tree = treelib.canonicalize(obj)
         with storage.open_write(name) as raw:
@@ -43,6 +52,24 @@ def save(obj: Any, url: str | os.PathLike[str], *, storage_options: dict[str, An
     else:
         with storage.open_write(name) as raw:
             torch.save(obj, raw)
+
+
+def exists(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> bool:
+    """True if a file is at ``url``, asked of the store (no cached listing). See :func:`save`."""
+    storage, name = open_parent(url, storage_options)
+    return storage.is_file(name)
+
+
+def delete(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the file at ``url``; nothing there is fine. It never deletes a folder (see :func:`save`).
+
+    Raises:
+        ConfigError: ``url`` is a folder.
+    """
+    storage, name = open_parent(url, storage_options)
+    if not storage.is_file(name) and storage.exists(name):
+        raise ConfigError(f"{storage.url(name)} is a folder; ckptstore.delete removes one file")
+    storage.delete(name)
 
 
 def verify(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:

@@ -280,6 +280,13 @@ class FsspecStorage:
         with self._errors("read", path):
             return bool(self.fs.exists(full))
 
+    def is_file(self, path: str) -> bool:
+        """True if ``path`` is a file: not a folder, not absent (asked of the store, not of a cached listing)."""
+        full = self._full(path)
+        self.fs.invalidate_cache(full)
+        with self._errors("read", path):
+            return bool(self.fs.isfile(full))
+
     def list_files(self, under: str = "") -> dict[str, Listed]:
         """Every file below the root (or below its folder ``under``): path relative to the root -> its :class:`Listed` entry.
 
