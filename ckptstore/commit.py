@@ -206,7 +206,7 @@ def data_file(storage: FsspecStorage, info: CheckpointInfo) -> tuple[str, FileEn
         raise CorruptCheckpointError(f"{info.url}: expected one data file, the manifest lists {len(info.files)}")
     entry = info.files[0]
     path = f"{info.name}/{entry.path}"
-    _check_size(storage, path, entry.size)
+    check_size(storage, path, entry.size)
     return path, entry
 
 
@@ -214,7 +214,7 @@ def verify_checkpoint(storage: FsspecStorage, info: CheckpointInfo, progress: Ca
     """Stream every data file once and check its size and CRC32C, in bounded memory."""
     for entry in info.files:
         path = f"{info.name}/{entry.path}"
-        _check_size(storage, path, entry.size)
+        check_size(storage, path, entry.size)
         verify_file(storage, path, entry, progress)
 
 
@@ -223,7 +223,8 @@ def verify_file(storage: FsspecStorage, path: str, entry: FileEntry, progress: C
     read_checked(Source(storage, path, entry.size), entry.crc32c, progress=progress)
 
 
-def _check_size(storage: FsspecStorage, path: str, expected: int) -> None:
+def check_size(storage: FsspecStorage, path: str, expected: int) -> None:
+    """Raise CorruptCheckpointError unless the file ``path`` has the ``expected`` size a manifest lists."""
     where = storage.url(path)
     try:
         actual = storage.size(path)

@@ -15,11 +15,11 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from . import arguments, cleanup, commit, retention
+from . import arguments, cleanup, commit, folders, retention
 from .background import BackgroundSaver, SaveHandle
 from .errors import (
     CheckpointNotFound,
@@ -31,7 +31,7 @@ from .errors import (
 )
 from .export import BestExport, weights_to_export
 from .inplace import restore_checkpoint
-from .manifest import MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo, FileEntry
+from .manifest import FOLDER_FORMAT, MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo, FileEntry
 from .network import Transfers
 from .partial import LoadReport, load_partial
 from .preemption import PreemptionWatcher
@@ -46,6 +46,7 @@ from .tree import canonicalize, holds_dtensors
 log = logging.getLogger("ckptstore")
 
 Which = str | int
+T = TypeVar("T")
 
 
 class CheckpointManager:
@@ -571,6 +572,11 @@ class CheckpointManager:
             StateMismatchError: a module's or tensor's shape differs from the saved one
                 (before any tensor byte is read).
         """
+        return self._first_usable(which, lambda info: self._restore_one(info, state, map_location, weights_only, verify, strict))
+
+    def _first_usable(self, which: Which, attempt: Callable[[CheckpointInfo], T]) -> T | None:
+        """``attempt`` the checkpoint ``which`` names on every rank; for "latest", the one before
+        while it is corrupt (on any rank). None when the root has none (only for "latest")."""
         if isinstance(which, str) and which not in ("latest", "best"):
             arguments.checkpoint_name(which)
         self._background.settle()
@@ -578,17 +584,80 @@ class CheckpointManager:
         while (info := self._ranks.on_leader(lambda: self._to_restore(which, tried))) is not None:
             failed: list[Exception] = []  # a box, not a local: see ranks.raise_dropped
             try:
-                restored = self._restore_one(info, state, map_location, weights_only, verify, strict)
+                done = attempt(info)
             except Exception as err:  # every rank reaches the agreement below, or the others wait for it
                 failed.append(err)
             unusable = self._agree_on_restore(failed)
             if unusable is None:
-                return restored
+                return done
             if which != "latest":
                 raise_dropped(failed) if failed else raise_dropped([CorruptCheckpointError(unusable)])
             log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, unusable)
             tried[info.name] = unusable
         return None
+
+    def save_folder(
+        self, folder: str | os.PathLike[str], step: int, metrics: Mapping[str, Any] | None = None, *,
+        name: str | None = None, allow_older: bool = False,
+    ) -> CheckpointInfo:
+        """Save every file of the local ``folder`` (one a framework wrote) as the checkpoint of ``step``.
+
+        The same commit, checksums and retention as :meth:`save`: each file's CRC32C is taken
+        as it uploads, and one manifest, written last, commits them all (see
+        :mod:`ckptstore.folders`). In a ``torch.distributed`` job rank 0 uploads its ``folder``.
+        Bring one back with :meth:`restore_folder`.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> folder = pathlib.Path(tempfile.mkdtemp())
+            >>> _ = (folder / "config.json").write_text("{}")
+            >>> mgr = CheckpointManager("memory://doc/folder-save")
+            >>> mgr.save_folder(folder, step=5).format
+            'folder'
+            >>> mgr.restore_folder(folder / "back").name, (folder / "back" / "config.json").read_text()
+            ('step_00000005', '{}')
+
+        Raises:
+            ConfigError: ``folder`` is missing or empty, ``export_best`` is set (a folder has
+                no state to export), or ``step`` is older than the newest (see :meth:`save`).
+            CheckpointExists: ``step`` (or ``name``) is already committed.
+        """
+        self._background.wait()
+        step = arguments.step(step)
+        name = arguments.checkpoint_name(name or f"step_{step:08d}")
+        values = arguments.metrics(metrics or {}, self.policy.monitor, step)
+        if self._export is not None:
+            raise ConfigError("`export_best` exports a state's weights; a folder checkpoint has none it can read")
+        folders.files_in(folder)  # a missing or empty folder fails on every rank, before any I/O
+        self._agree_on_save(step, name, False)
+        self._last_save = (step, time.monotonic())
+
+        def write() -> CheckpointInfo:
+            found = self._prepare(step, name, allow_older)
+            info = folders.write_folder(self.storage, name, step, folder, values, self.policy.ranks_by)
+            return self._after_commit(found, info, None)
+
+        return self._ranks.on_leader(write)
+
+    def restore_folder(self, dest: str | os.PathLike[str], which: Which = "latest") -> CheckpointInfo | None:
+        """Download a folder checkpoint into the new local folder ``dest``; return which one it was.
+
+        ``which`` as for :meth:`restore`: "latest" falls back to the one before while a file
+        fails its check, and is None when the root has no checkpoint. ``dest`` appears whole,
+        every file checked against its size and CRC32C, or not at all (each rank downloads
+        its own copy).
+
+        Raises:
+            ConfigError: ``dest`` exists and is not an empty folder, or the checkpoint is not a folder.
+            CorruptCheckpointError: the checkpoint asked for (or, for "latest", every one) is damaged.
+        """
+
+        def download(info: CheckpointInfo) -> CheckpointInfo:
+            folders.download_folder(self.storage, info, dest)
+            log.info("restored %s into %s", info.url, dest)
+            return info
+
+        return self._first_usable(which, download)
 
     def _to_restore(self, which: Which, tried: Mapping[str, str]) -> CheckpointInfo | None:
         """Rank 0's choice of the checkpoint to restore next (``tried`` were unusable), from a new listing."""
@@ -628,6 +697,9 @@ class CheckpointManager:
         self, info: CheckpointInfo, state: dict[str, Any] | None, map_location: MapLocation, weights_only: bool, verify: bool,
         strict: bool,
     ) -> Restored:
+        if info.format == FOLDER_FORMAT:
+            raise ConfigError(f"{info.url} is a folder checkpoint (the files a framework wrote), not a state: bring it "
+                              "back with restore_folder(dest)")
         if info.format == SHARDED_FORMAT:
             from . import sharded
 

@@ -22,6 +22,7 @@ from .errors import CorruptCheckpointError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 SHARDED_FORMAT = "dcp"  # a checkpoint saved by every rank through torch.distributed.checkpoint: several data files
+FOLDER_FORMAT = "folder"  # the files a framework wrote into a local folder, committed as one checkpoint
 _TOMBSTONE_PREFIX = b'{"ckptstore": "tombstone"'
 
 

@@ -29,7 +29,9 @@ log = logging.getLogger("ckptstore")
 
 LIST_ATTEMPTS = 3  # listings per scan when manifests vanish between the listing and their read
 # a data file: one file per checkpoint, or a sharded save's files (see ckptstore.sharded)
-_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt|rank\d+-\d+\.distcp|dcp-metadata|tree\.json)$")
+# a data file: one file per checkpoint, a sharded save's files (see ckptstore.sharded), or a folder
+# checkpoint's files, kept under the save's token (see ckptstore.folders)
+_DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt|rank\d+-\d+\.distcp|dcp-metadata|tree\.json)$|^files-[0-9a-f]{8}/.")
 
 
 def _ours(name: str) -> bool:
@@ -187,13 +189,13 @@ def _parse(storage: FsspecStorage, folder: str, data: bytes) -> CheckpointInfo:
 
 
 def _by_folder(listing: dict[str, Listed]) -> tuple[dict[str, dict[str, Listed]], dict[str, Listed]]:
-    """The root's files: {checkpoint folder: {file name: entry}}, and {root-level file: entry}."""
+    """The root's files: {checkpoint folder: {path in it: entry}}, and {root-level file: entry}."""
     folders: dict[str, dict[str, Listed]] = {}
     at_root: dict[str, Listed] = {}
     for path, entry in listing.items():
         folder, _, rest = path.partition("/")
-        if not rest:
+        if rest:
+            folders.setdefault(folder, {})[rest] = entry  # rest: a file in the folder, or below it (a folder checkpoint)
+        else:
             at_root[path] = entry
-        elif "/" not in rest:
-            folders.setdefault(folder, {})[rest] = entry
     return folders, at_root

@@ -436,10 +436,15 @@ class FsspecStorage:
                 done.result()
 
     def remove_folder(self, path: str) -> None:
-        """Remove the folder ``path`` if it is empty (object stores have no folders to remove)."""
+        """Remove the folder ``path`` and the folders in it, those that are empty (object stores
+        have no folders to remove). A folder checkpoint's files live in subfolders."""
         if self.is_local or isinstance(self.fs, MemoryFileSystem):
-            with contextlib.suppress(OSError):  # not empty (a writer is using it) or already gone
-                self.fs.rmdir(self._full(path))
+            full = self._full(path)
+            inside = self.fs.find(full, withdirs=True, detail=True) if self.fs.isdir(full) else {}
+            folders = sorted((p for p, info in inside.items() if info["type"] == "directory" and p != full), key=len, reverse=True)
+            for folder in [*folders, full]:  # the deepest first
+                with contextlib.suppress(OSError):  # not empty (a writer is using it) or already gone
+                    self.fs.rmdir(folder)
 
     def check_bucket(self) -> None:
         """Raise StorageError now if the root's bucket is missing (stores with buckets only)."""
