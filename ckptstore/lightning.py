@@ -1,0 +1,239 @@
+"""PyTorch Lightning on any bucket, through ckptstore.
+
+Lightning writes a remote checkpoint by pickling all of it into memory and uploading it in one
+piece, with no checksum and no commit. Two ways to use ckptstore instead:
+
+* :class:`CkptStoreCheckpoint`, a ``ModelCheckpoint`` whose saves are
+  :class:`~ckptstore.CheckpointManager` checkpoints: committed by a manifest written last, every
+  byte checksummed (CRC32C), ``keep_last`` and ``keep_best`` applied in the bucket, a save at
+  the next batch on SIGTERM or a cloud's spot notice, the RNG states saved and restored (so a
+  resumed run with dropout continues exactly), and ``fit(ckpt_path="last")`` resuming from the
+  newest good checkpoint in the bucket (a damaged one is skipped, loudly)::
+
+      checkpoint = CkptStoreCheckpoint("s3://bucket/runs/exp1", keep_last=2, keep_best=1, monitor="val_loss",
+                                       every_n_train_steps=500)
+      trainer = Trainer(callbacks=[checkpoint])
+      trainer.fit(model, ckpt_path="last")  # a fresh start (with a warning) when the bucket has none
+
+* :class:`CkptStoreIO`, a ``CheckpointIO`` for Lightning's own ``ModelCheckpoint``: each
+  ``.ckpt`` is streamed to its URL (bounded memory), appears whole or not at all, and its zip
+  records' CRC32 are checked before it loads (``torch.load`` checks none). Wrap it in
+  ``AsyncCheckpointIO`` to write in the background.
+
+Needs ``lightning`` (``pip install ckptstore[lightning]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import files
+from .errors import CkptStoreError, ConfigError, MissingDependency
+from .manager import CheckpointManager
+from .preemption import PreemptionWatcher
+from .rng import RNGState
+from .serializers import MapLocation, Source, read_checked
+from .storage import open_storage
+
+try:
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+    from lightning.pytorch.plugins.io.torch_plugin import TorchCheckpointIO
+except ImportError as err:  # pragma: no cover - the extra is installed wherever this is tested
+    raise MissingDependency("ckptstore.lightning needs lightning: pip install 'ckptstore[lightning]'") from err
+
+log = logging.getLogger("ckptstore")
+_POINTER_SUFFIX = ".ckptstore-latest"  # a local file standing for "the newest good checkpoint" (see _find_last_checkpoints)
+
+
+class CkptStoreIO(CheckpointIO):
+    """Lightning's ``CheckpointIO`` through ckptstore: atomic, streamed, verified ``.ckpt`` files at any URL.
+
+    Args:
+        storage_options: fsspec options for every path (credentials, endpoint). Lightning's
+            own per-call ``storage_options`` (``trainer.save_checkpoint(..., storage_options=)``)
+            are merged over them.
+
+    ``load_checkpoint`` maps Lightning's ``weights_only=None`` to True, as torch does.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, *, manager: CheckpointManager | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self._manager = manager
+        self._pending: tuple[str, int, dict[str, float]] | None = None  # (name, step, metrics) of the next managed save
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if self._manager is not None and self._pending is not None and os.fspath(path) == self._manager.storage.url(self._pending[0]):
+            name, step, metrics = self._pending
+            self._manager.save(checkpoint, step, metrics, name=name)
+            return
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict of fsspec options, got {type(storage_options).__name__}")
+        files.save(checkpoint, path, format="torch", storage_options={**self.storage_options, **(storage_options or {})})
+
+    def load_checkpoint(self, path: Any, map_location: MapLocation = None, weights_only: bool | None = None) -> dict[str, Any]:
+        which = self._managed(os.fspath(path))
+        if which is not None:
+            assert self._manager is not None
+            restored = self._manager.restore(None, which, map_location=map_location)
+            if restored is None:
+                raise ConfigError(f"no checkpoint under {self._manager.root} to resume from")
+            return dict(restored)
+        storage, name = _parent(os.fspath(path), self.storage_options)
+        local = storage.local_path(name)
+        if local is not None:
+            return _checked_load(local, storage.url(name), map_location, weights_only)
+        with tempfile.NamedTemporaryFile(prefix="ckptstore-", suffix=".ckpt") as copy:
+            read_checked(Source(storage, name, storage.size(name)), None, copy_to=copy)  # one streamed GET
+            copy.flush()
+            return _checked_load(copy.name, storage.url(name), map_location, weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        files.delete(path, storage_options=self.storage_options)
+
+    def _managed(self, path: str) -> str | None:
+        """The checkpoint of this IO's manager that ``path`` names ("latest" for the pointer), or None."""
+        if self._manager is None:
+            return None
+        if path.endswith(_POINTER_SUFFIX):
+            return "latest"
+        parent, name = posixpath.split(path.rstrip("/"))
+        return name if parent == self._manager.root.rstrip("/") else None
+
+
+def _parent(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    parent, name = posixpath.split(url)
+    return open_storage(parent or ".", storage_options), name
+
+
+def _checked_load(local: str, where: str, map_location: MapLocation, weights_only: bool | None) -> dict[str, Any]:
+    """Check every zip record's CRC32 of the local file (torch.load checks none, and loads a flipped byte), then
+    load it; errors name ``where``, the file's URL, not a temporary copy."""
+    try:
+        files.verify(local)
+        loaded: dict[str, Any] = files.load(local, map_location=map_location, weights_only=weights_only is not False)
+    except CkptStoreError as err:
+        raise type(err)(str(err).replace(local, where)) from None
+    return loaded
+
+
+class CkptStoreCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that saves through a :class:`~ckptstore.CheckpointManager` at ``root``.
+
+    When to save is Lightning's (``every_n_train_steps``, ``every_n_epochs``,
+    ``train_time_interval``, after validation); what to keep is the manager's: ``keep_last``
+    newest and ``keep_best`` by ``monitor`` (``mode``). Each checkpoint is named
+    ``step_<global step>``. On SIGTERM (Lightning's flag) or a spot notice from one of
+    ``preemption_clouds``' metadata servers, it saves at the end of the batch and stops training.
+    ``manager_options`` go to the manager (``format``, ``storage_options``, ``transfers``, ...).
+
+    ``fit(ckpt_path="last")`` resumes from the newest good checkpoint under ``root``; an explicit
+    ``ckpt_path`` of a checkpoint's URL (``f"{root}/step_00000500"``) restores that one, and
+    ``ckpt_path="best"`` the best by ``monitor``. The callback installs its :attr:`io` into the
+    trainer unless the trainer has another ``CheckpointIO`` (then pass ``plugins=[checkpoint.io]``).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, keep_last: int | None = 1, keep_best: int = 0, monitor: str | None = None,
+        mode: str = "min", every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
+        train_time_interval: Any = None, save_on_train_epoch_end: bool | None = None,
+        preemption_clouds: Sequence[str] = (), **manager_options: Any,
+    ) -> None:
+        super().__init__(monitor=monitor, mode=mode, every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+                         train_time_interval=train_time_interval, save_on_train_epoch_end=save_on_train_epoch_end,
+                         save_top_k=-1, enable_version_counter=False)
+        self.manager = CheckpointManager(root, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
+                                         distributed=False, **manager_options)
+        self.io = CkptStoreIO(manager_options.get("storage_options"), manager=self.manager)
+        self.preemption_clouds = tuple(preemption_clouds)
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._watcher: PreemptionWatcher | None = None
+        self._pointer_folder = tempfile.mkdtemp(prefix="ckptstore-lightning-")
+
+    # -- where and how ---------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Point Lightning at the manager's root and make sure the trainer writes through :attr:`io`."""
+        self.dirpath = self.manager.root
+        io = trainer.strategy.checkpoint_io
+        inner = io.checkpoint_io if isinstance(io, _WrappingCheckpointIO) else io
+        if inner is self.io:
+            return
+        if type(io) is not TorchCheckpointIO:
+            raise ConfigError(f"the trainer writes checkpoints through {type(inner).__name__}; CkptStoreCheckpoint needs "
+                              "its own: Trainer(plugins=[checkpoint.io]) (or AsyncCheckpointIO(checkpoint.io))")
+        trainer.strategy.checkpoint_io = self.io
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.preemption_clouds:
+            self._watcher = self.manager.watch_preemption(signals=(), clouds=self.preemption_clouds)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # here, not at load: the resumed dataloader has drawn its seed by now
+            RNGState().load_state_dict(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        notice = "SIGTERM" if trainer.received_sigterm else self.manager.preemption_notice
+        if notice is not None and not trainer.sanity_checking:
+            log.warning("%s: saving step %d to %s and stopping", notice, trainer.global_step, self.manager.root)
+            self._save_checkpoint(trainer, "")
+            trainer.should_stop = True
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    # -- saving: Lightning decides when, the manager what is kept ---------------------------
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        self._save_checkpoint(trainer, "")
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        """The manager keeps the newest: there is no separate "last" file."""
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        step = trainer.global_step
+        if self._last_global_step_saved == step:
+            return
+        name = f"step_{step:08d}"
+        metrics = {k: float(v) for k, v in self._monitor_candidates(trainer).items()
+                   if k not in ("epoch", "step") and isinstance(v, (torch.Tensor, float, int)) and torch.as_tensor(v).numel() == 1}
+        self.io._pending = (name, step, metrics)
+        try:
+            trainer.save_checkpoint(self.manager.storage.url(name), self.save_weights_only)
+        finally:
+            self.io._pending = None
+        self._last_global_step_saved = step
+        self._last_checkpoint_saved = self.last_model_path = self.manager.storage.url(name)
+        best = self.manager.best() if self.monitor else None
+        self.best_model_path = best.url if best is not None else ""
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """For ``ckpt_path="last"``: a local pointer (Lightning checks it exists with its own fsspec, which lacks
+        the bucket's options); :attr:`io` loads the newest good checkpoint for it. Nothing when the root has none."""
+        latest = self.manager.latest()
+        if latest is None:
+            return set()
+        pointer = os.path.join(self._pointer_folder, latest.name + _POINTER_SUFFIX)
+        with open(pointer, "w") as f:
+            f.write(latest.url)
+        return {pointer}
+
+    # -- the callback's own state, inside each checkpoint ----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"root": self.manager.root, "best_model_path": self.best_model_path, "rng": RNGState().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_model_path = state_dict.get("best_model_path", "")
+        self._rng_to_restore = state_dict.get("rng")
