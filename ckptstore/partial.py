@@ -36,8 +36,8 @@ import torch
 
 from . import legacy, rebuilt, shards
 from .keys import ties, too_little_loaded
-from .errors import CheckpointNotFound, CorruptCheckpointError, StateMismatchError
-from .manifest import MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo
+from .errors import CheckpointNotFound, ConfigError, CorruptCheckpointError, StateMismatchError
+from .manifest import FOLDER_FORMAT, MANIFEST_NAME, SHARDED_FORMAT, CheckpointInfo
 from .safetensors_header import header_length, parse_header
 from .serializers import TREE_METADATA_KEY
 from .sniff import file_format
@@ -323,6 +323,10 @@ def resolve(url: str | os.PathLike[str], storage_options: dict[str, Any] | None)
         info = CheckpointInfo.from_json(folder.read(MANIFEST_NAME), url=folder.url())
     except CheckpointNotFound:
         return (*open_parent(url, storage_options), None)
+    if info.format == FOLDER_FORMAT:
+        shown = ", ".join(folder.url(f.path) for f in info.files[:3]) + (", ..." if len(info.files) > 3 else "")
+        raise ConfigError(f"{folder.url()} is a folder checkpoint (the files a framework wrote), not one state: "
+                          f"name one of its files ({shown}), or bring it back with CheckpointManager.restore_folder")
     return folder, info.files[0].path, info
 
 

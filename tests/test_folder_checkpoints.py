@@ -129,3 +129,25 @@ def test_export_best_refuses_folders(store, tmp_path):
     mgr = manager(store, monitor="loss", export_best="best.safetensors")
     with pytest.raises(ConfigError, match="a folder checkpoint has none it can read"):
         mgr.save_folder(framework_folder(tmp_path / "c1", 1), step=1, metrics={"loss": 1.0})
+
+
+def test_tools_name_a_folder_checkpoint_and_read_its_files(store, tmp_path, capsys):
+    from ckptstore.cli import main
+
+    mgr = manager(store)
+    info = mgr.save_folder(framework_folder(tmp_path / "c1", 1), step=1, name="checkpoint-1")
+    refusal = (rf"^{info.url} is a folder checkpoint \(the files a framework wrote\), not one state: name one of its "
+               r"files \(.*/files-[0-9a-f]{8}/empty\.txt, .*/files-[0-9a-f]{8}/model\.safetensors, .*, \.\.\.\), or bring it "
+               r"back with CheckpointManager.restore_folder$")
+    with pytest.raises(ConfigError, match=refusal):
+        mgr.load_partial(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match=refusal):
+        ckptstore.load_partial(info.url, {"w": torch.zeros(64)}, storage_options=store.storage_options)
+    weights = next(f for f in info.files if f.path.endswith("model.safetensors"))
+    report = ckptstore.load_partial(f"{info.url}/{weights.path}", target := {"w": torch.zeros(64)},
+                                    storage_options=store.storage_options)
+    assert report.loaded == ["w"] and torch.equal(target["w"], torch.ones(64))  # one of its files, as the framework wrote it
+    if store.kind in ("local", "file"):  # the CLI on a path: ls shows the format, verify checks every file
+        assert main(["ls", store.url]) == 0 and " folder " in capsys.readouterr().out
+        assert main(["verify", store.url]) == 0
+        assert main(["inspect", info.url]) != 0 and "is a folder checkpoint" in capsys.readouterr().err

@@ -121,3 +121,14 @@ def test_resume_path_never_mixes_into_a_local_folder(store, tmp_path):
         resume_path(store.url, tmp_path / "local", storage_options=store.storage_options)
     assert os.listdir(tmp_path / "local") == ["checkpoint-2"]
     assert os.listdir(tmp_path / "local" / "checkpoint-2") == ["half-written.bin"]
+
+
+def test_a_half_written_local_folder_fools_get_last_checkpoint_not_resume_path(store, tmp_path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    mgr.save_folder(checkpoint_folder(tmp_path / "out" / "checkpoint-4", 4), step=4, name="checkpoint-4")
+    (tmp_path / "out" / "checkpoint-6").mkdir()  # the Trainer was killed while it wrote checkpoint-6
+    (tmp_path / "out" / "checkpoint-6" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert get_last_checkpoint(str(tmp_path / "out")).endswith("checkpoint-6")  # HF's own choice: the torn one
+    assert resume_path(store.url, tmp_path / "fresh", storage_options=store.storage_options).endswith("checkpoint-4")
