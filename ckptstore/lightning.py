@@ -66,15 +66,31 @@ class CkptStoreIO(CheckpointIO):
     ``load_checkpoint`` maps Lightning's ``weights_only=None`` to True, as torch does.
     """
 
-    def __init__(self, storage_options: dict[str, Any] | None = None, *, manager: CheckpointManager | None = None) -> None:
+    def __init__(self, storage_options: dict[str, Any] | None = None, *, manager: CheckpointManager | None = None,
+                 background: bool = False) -> None:
         self.storage_options = dict(storage_options or {})
         self._manager = manager
-        self._pending: tuple[str, int, dict[str, float]] | None = None  # (name, step, metrics) of the next managed save
+        self._background = background
+        # URL -> (name, step, metrics) of the manager checkpoints CkptStoreCheckpoint announced: kept until written,
+        # since a wrapping AsyncCheckpointIO calls save_checkpoint later, from its own thread
+        self._expected: dict[str, tuple[str, int, dict[str, float]]] = {}
+
+    def expect(self, name: str, step: int, metrics: dict[str, float]) -> str:
+        """Announce a save of manager checkpoint ``name``; return the URL that Lightning will pass to :meth:`save_checkpoint`."""
+        assert self._manager is not None
+        url = self._manager.storage.url(name)
+        self._expected[url] = (name, step, metrics)
+        return url
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if self._manager is not None and self._pending is not None and os.fspath(path) == self._manager.storage.url(self._pending[0]):
-            name, step, metrics = self._pending
-            self._manager.save(checkpoint, step, metrics, name=name)
+        managed = self._expected.pop(os.fspath(path), None)
+        if managed is not None and self._manager is not None:
+            name, step, metrics = managed
+            # background: the manager copies the tensors to host memory, then writes and commits in its thread
+            if self._background:
+                self._manager.save(checkpoint, step, metrics, name=name, blocking=False)
+            else:
+                self._manager.save(checkpoint, step, metrics, name=name)
             return
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"storage_options must be a dict of fsspec options, got {type(storage_options).__name__}")
@@ -134,26 +150,30 @@ class CkptStoreCheckpoint(ModelCheckpoint):
     newest and ``keep_best`` by ``monitor`` (``mode``). Each checkpoint is named
     ``step_<global step>``. On SIGTERM (Lightning's flag) or a spot notice from one of
     ``preemption_clouds``' metadata servers, it saves at the end of the batch and stops training.
-    ``manager_options`` go to the manager (``format``, ``storage_options``, ``transfers``, ...).
+    ``background=True``: a save copies the checkpoint's tensors to host memory and returns;
+    the manager writes and commits it in a thread while training goes on (one save in flight;
+    a failure raises at the next save or when training ends). ``manager_options`` go to the
+    manager (``format``, ``storage_options``, ``transfers``, ...).
 
     ``fit(ckpt_path="last")`` resumes from the newest good checkpoint under ``root``; an explicit
     ``ckpt_path`` of a checkpoint's URL (``f"{root}/step_00000500"``) restores that one, and
     ``ckpt_path="best"`` the best by ``monitor``. The callback installs its :attr:`io` into the
-    trainer unless the trainer has another ``CheckpointIO`` (then pass ``plugins=[checkpoint.io]``).
+    trainer; a trainer given another ``CheckpointIO`` (or an ``AsyncCheckpointIO``) is refused at
+    setup, by name.
     """
 
     def __init__(
         self, root: str | os.PathLike[str], *, keep_last: int | None = 1, keep_best: int = 0, monitor: str | None = None,
         mode: str = "min", every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
         train_time_interval: Any = None, save_on_train_epoch_end: bool | None = None,
-        preemption_clouds: Sequence[str] = (), **manager_options: Any,
+        preemption_clouds: Sequence[str] = (), background: bool = False, **manager_options: Any,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
                          train_time_interval=train_time_interval, save_on_train_epoch_end=save_on_train_epoch_end,
                          save_top_k=-1, enable_version_counter=False)
         self.manager = CheckpointManager(root, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
                                          distributed=False, **manager_options)
-        self.io = CkptStoreIO(manager_options.get("storage_options"), manager=self.manager)
+        self.io = CkptStoreIO(manager_options.get("storage_options"), manager=self.manager, background=background)
         self.preemption_clouds = tuple(preemption_clouds)
         self._rng_to_restore: dict[str, Any] | None = None
         self._watcher: PreemptionWatcher | None = None
@@ -164,12 +184,14 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         """Point Lightning at the manager's root and make sure the trainer writes through :attr:`io`."""
         self.dirpath = self.manager.root
         io = trainer.strategy.checkpoint_io
-        inner = io.checkpoint_io if isinstance(io, _WrappingCheckpointIO) else io
-        if inner is self.io:
+        if io is self.io:
             return
+        if isinstance(io, _WrappingCheckpointIO):  # AsyncCheckpointIO: its thread would race the manager's own reads
+            raise ConfigError(f"the trainer wraps its CheckpointIO in {type(io).__name__}; for saves in the background "
+                              "pass CkptStoreCheckpoint(..., background=True) and no AsyncCheckpointIO")
         if type(io) is not TorchCheckpointIO:
-            raise ConfigError(f"the trainer writes checkpoints through {type(inner).__name__}; CkptStoreCheckpoint needs "
-                              "its own: Trainer(plugins=[checkpoint.io]) (or AsyncCheckpointIO(checkpoint.io))")
+            raise ConfigError(f"the trainer writes checkpoints through {type(io).__name__}; CkptStoreCheckpoint needs "
+                              "its own: Trainer(plugins=[checkpoint.io]), or no CheckpointIO plugin")
         trainer.strategy.checkpoint_io = self.io
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -188,9 +210,12 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         if notice is not None and not trainer.sanity_checking:
             log.warning("%s: saving step %d to %s and stopping", notice, trainer.global_step, self.manager.root)
             self._save_checkpoint(trainer, "")
+            self.manager.wait()  # committed before the job exits, even with background=True
             trainer.should_stop = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Wait for a background save (its failure raises here), stop watching for spot notices."""
+        self.manager.wait()
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
@@ -206,18 +231,22 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         step = trainer.global_step
         if self._last_global_step_saved == step:
             return
-        name = f"step_{step:08d}"
         metrics = {k: float(v) for k, v in self._monitor_candidates(trainer).items()
                    if k not in ("epoch", "step") and isinstance(v, (torch.Tensor, float, int)) and torch.as_tensor(v).numel() == 1}
-        self.io._pending = (name, step, metrics)
-        try:
-            trainer.save_checkpoint(self.manager.storage.url(name), self.save_weights_only)
-        finally:
-            self.io._pending = None
+        url = self.io.expect(f"step_{step:08d}", step, metrics)
+        trainer.save_checkpoint(url, self.save_weights_only)
         self._last_global_step_saved = step
-        self._last_checkpoint_saved = self.last_model_path = self.manager.storage.url(name)
+        self._last_checkpoint_saved = self.last_model_path = url
+
+    @property
+    def best_model_path(self) -> str:
+        """The URL of the best checkpoint by ``monitor`` in the root (asked when needed: a background save may be in flight)."""
         best = self.manager.best() if self.monitor else None
-        self.best_model_path = best.url if best is not None else ""
+        return best.url if best is not None else ""
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        """Lightning sets it; the root knows better (see the getter)."""
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """For ``ckpt_path="last"``: a local pointer (Lightning checks it exists with its own fsspec, which lacks
@@ -232,8 +261,7 @@ class CkptStoreCheckpoint(ModelCheckpoint):
 
     # -- the callback's own state, inside each checkpoint ----------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"root": self.manager.root, "best_model_path": self.best_model_path, "rng": RNGState().state_dict()}
+        return {"root": self.manager.root, "rng": RNGState().state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_model_path = state_dict.get("best_model_path", "")
         self._rng_to_restore = state_dict.get("rng")

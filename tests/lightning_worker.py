@@ -1,12 +1,13 @@
 """A Lightning job for tests/test_lightning.py, run as a fresh process.
 
-usage: python lightning_worker.py '{"root": ..., "storage_options": ..., "out": ..., "resume": bool, "hang_at": step or null}'
+usage: python lightning_worker.py '{"root": ..., "storage_options": ..., "out": ..., "resume": bool, "hang_at": step or null,
+                                    "background": bool}'
 
 Trains a tiny model with dropout for ``EPOCHS`` epochs of ``BATCHES`` batches, validating
 each epoch (``val_loss``), through :class:`CkptStoreCheckpoint` (a save every 2 steps;
 keep_last=2, keep_best=1 by the highest val_loss). The train loader is resumable (Lightning fast-forwards
 only such a loader mid-epoch). ``resume``: ``fit(ckpt_path="last")``. ``hang_at``: after that
-step, write ``<out>.hanging`` and wait for SIGTERM (or SIGKILL). The final weights go to ``out``,
+step, let a background save finish, write ``<out>.hanging`` and wait for SIGTERM (or SIGKILL). The final weights go to ``out``,
 every committed save to ``<out>.saves`` as ``{"step", "val_loss"}``.
 """
 
@@ -75,6 +76,7 @@ class Hang(lightning.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.at:
+            trainer.checkpoint_callback.manager.wait()  # the kill comes after the last save committed, in either mode
             Path(self.marker).touch()
             deadline = time.monotonic() + 600
             while not trainer.received_sigterm and time.monotonic() < deadline:
@@ -110,7 +112,7 @@ def loaders() -> tuple[ResumableLoader, DataLoader]:
     return ResumableLoader(TensorDataset(x, y), batch_size=4), DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)
 
 
-def main(root: str, storage_options: dict, out: str, resume: bool, hang_at: int | None) -> None:
+def main(root: str, storage_options: dict, out: str, resume: bool, hang_at: int | None, background: bool = False) -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     lightning.seed_everything(1, verbose=False)
@@ -118,7 +120,7 @@ def main(root: str, storage_options: dict, out: str, resume: bool, hang_at: int 
     train, val = loaders()
     # mode="max": the best is an early step, so keep_best keeps what keep_last would not
     checkpoint = CkptStoreCheckpoint(root, keep_last=2, keep_best=1, monitor="val_loss", mode="max", every_n_train_steps=2,
-                                     storage_options=storage_options)
+                                     storage_options=storage_options, background=background)
     trainer = lightning.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
                                 callbacks=[Hang(hang_at, out + ".hanging"), Record(checkpoint, out), checkpoint])

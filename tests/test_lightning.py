@@ -81,6 +81,22 @@ def test_a_killed_trainer_resumes_from_last_bit_identical(process_store, kill, u
     assert [c.step for c in mgr.checkpoints()] == kept_by_policy(saves)
 
 
+def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
+    """background=True: the manager writes while training goes on; a SIGKILLed job resumes exactly all the same."""
+    root, out = str(tmp_path / "root"), tmp_path / "run.pt"
+    victim = subprocess.Popen(command(root, {}, out, hang_at=HANG_AT, background=True))
+    deadline = time.monotonic() + 240
+    while not Path(f"{out}.hanging").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait(timeout=60)
+    assert CheckpointManager(root).latest().step == HANG_AT - 2
+    subprocess.run(command(root, {}, out, resume=True, background=True), check=True, timeout=300)
+    resumed = torch.load(out, weights_only=True)
+    assert all(torch.equal(resumed[k], t) for k, t in uninterrupted.items())
+    assert [c.step for c in CheckpointManager(root).checkpoints()][-1] == TOTAL_STEPS  # the last save committed at the end
+
+
 def test_last_skips_a_damaged_checkpoint_and_says_so(uninterrupted, tmp_path):
     root = tmp_path / "root"
     victim = subprocess.Popen(command(str(root), {}, tmp_path / "run.pt", hang_at=HANG_AT + 2))
@@ -187,3 +203,49 @@ def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(stor
     second = trainer(3)
     second.fit(Tiny(), *loaders(), ckpt_path=store.join("last.ckpt"))
     assert second.current_epoch == 3 and second.global_step == 24
+
+
+@pytest.mark.parametrize("store", [pytest.param("memory", id="memory")], indirect=True)
+def test_best_and_an_explicit_url_restore_exactly_those(store):
+    import lightning
+
+    from ckptstore.lightning import CkptStoreCheckpoint
+
+    from lightning_worker import Tiny, loaders
+
+    checkpoint = CkptStoreCheckpoint(store.url, keep_last=2, keep_best=1, monitor="val_loss", mode="max",
+                                     every_n_epochs=1, storage_options=store.storage_options)
+    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint])
+    trainer.fit(Tiny(), *loaders())
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    best, oldest = mgr.best(), mgr.checkpoints()[0]
+    assert checkpoint.best_model_path == best.url
+    for ckpt_path, which in [("best", best), (oldest.url, oldest)]:
+        fresh = Tiny()
+        trainer.validate(fresh, loaders()[1], ckpt_path=ckpt_path, verbose=False)
+        saved = mgr.restore(None, which=which.name)["state_dict"]
+        assert all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("plugin", ["async", "torch-io-subclass"])
+def test_a_trainer_with_another_checkpoint_io_is_refused_by_name(plugin, tmp_path):
+    import lightning
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+    from ckptstore import ConfigError
+    from ckptstore.lightning import CkptStoreCheckpoint
+
+    from lightning_worker import Tiny, loaders
+
+    class MyIO(TorchCheckpointIO):
+        pass
+
+    checkpoint = CkptStoreCheckpoint(str(tmp_path / "root"), every_n_epochs=1)
+    io = AsyncCheckpointIO(checkpoint.io) if plugin == "async" else MyIO()
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[checkpoint], plugins=[io])
+    expected = "pass CkptStoreCheckpoint\\(..., background=True\\)" if plugin == "async" else "checkpoints through MyIO"
+    with pytest.raises(ConfigError, match=expected):
+        trainer.fit(Tiny(), *loaders())
+    assert not (tmp_path / "root").exists() or CheckpointManager(str(tmp_path / "root")).checkpoints() == []
