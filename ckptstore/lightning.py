@@ -79,7 +79,7 @@ class CkptStoreIO(CheckpointIO):
         """Announce a save of manager checkpoint ``name``; return the URL that Lightning will pass to :meth:`save_checkpoint`."""
         assert self._manager is not None
         url = self._manager.storage.url(name)
-        self._expected[url] = (name, step, metrics)
+        self._expected = {url: (name, step, metrics)}  # one at a time: a rank that does not write keeps none
         return url
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
