@@ -32,6 +32,13 @@ CHILD_PROCESS_TESTS = (
     "tests/test_exact_resume.py::test_resumed_run_is_bit_identical",
     "tests/test_async_save.py::test_the_interpreter_waits_for_a_background_save_before_it_exits",
     "tests/test_foreign_files.py::test_touching_loaded_tensors_after_the_file_is_truncated_does_not_kill_the_process",
+    # real Lightning and HF Trainer jobs in child processes (seconds each; the code they reach through the manager
+    # is what the in-process folder, file and manager tests reach)
+    "tests/test_lightning.py::test_a_killed_trainer_resumes_from_last_bit_identical",
+    "tests/test_lightning.py::test_background_saves_resume_bit_identical",
+    "tests/test_lightning.py::test_last_skips_a_damaged_checkpoint_and_says_so",
+    "tests/test_hf_trainer.py::test_a_killed_trainer_resumes_from_the_store_bit_identical",
+    "tests/test_optional_extras.py",
 )
 
 
