@@ -50,9 +50,9 @@ def kept_by_policy(saves: list[dict]) -> list[int]:
 
 
 @pytest.mark.parametrize("process_store", [
-    pytest.param("local", id="local"),
     pytest.param("s3", id="s3", marks=pytest.mark.remote),
-    pytest.param("file", id="file", marks=pytest.mark.long),  # the same disk as local: make test-long
+    pytest.param("local", id="local", marks=pytest.mark.long),  # make test-long: 25 s each
+    pytest.param("file", id="file", marks=pytest.mark.long),
     pytest.param("gcs", id="gcs", marks=[pytest.mark.remote, pytest.mark.long]),
 ], indirect=True)
 def test_a_killed_trainer_resumes_from_the_store_bit_identical(process_store, uninterrupted, tmp_path):

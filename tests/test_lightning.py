@@ -45,16 +45,20 @@ def kept_by_policy(saves: list[dict]) -> list[int]:
     return sorted({*newest, best})
 
 
-STORES = [
-    pytest.param("local", id="local"),
-    pytest.param("s3", id="s3", marks=pytest.mark.remote),
-    pytest.param("file", id="file", marks=pytest.mark.long),  # the same disk as local: make test-long
-    pytest.param("gcs", id="gcs", marks=[pytest.mark.remote, pytest.mark.long]),
+# make test: SIGKILL on S3, SIGTERM on local disk; make test-long: both on every store that another process reaches
+KILLS = [
+    pytest.param("s3", "SIGKILL", id="s3-SIGKILL", marks=pytest.mark.remote),
+    pytest.param("local", "SIGTERM", id="local-SIGTERM"),
+    pytest.param("local", "SIGKILL", id="local-SIGKILL", marks=pytest.mark.long),
+    pytest.param("s3", "SIGTERM", id="s3-SIGTERM", marks=[pytest.mark.remote, pytest.mark.long]),
+    pytest.param("file", "SIGKILL", id="file-SIGKILL", marks=pytest.mark.long),
+    pytest.param("file", "SIGTERM", id="file-SIGTERM", marks=pytest.mark.long),
+    pytest.param("gcs", "SIGKILL", id="gcs-SIGKILL", marks=[pytest.mark.remote, pytest.mark.long]),
+    pytest.param("gcs", "SIGTERM", id="gcs-SIGTERM", marks=[pytest.mark.remote, pytest.mark.long]),
 ]
 
 
-@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
-@pytest.mark.parametrize("process_store", STORES, indirect=True)
+@pytest.mark.parametrize(("process_store", "kill"), KILLS, indirect=["process_store"])
 def test_a_killed_trainer_resumes_from_last_bit_identical(process_store, kill, uninterrupted, tmp_path):
     opts = process_store.storage_options
     out = tmp_path / "run.pt"
