@@ -40,7 +40,7 @@ from .manager import CheckpointManager
 from .preemption import PreemptionWatcher
 from .rng import RNGState
 from .serializers import MapLocation, Source, read_checked
-from .storage import open_storage
+from .storage import open_parent
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -64,6 +64,8 @@ class CkptStoreIO(CheckpointIO):
             are merged over them.
 
     ``load_checkpoint`` maps Lightning's ``weights_only=None`` to True, as torch does.
+    (``manager`` and ``background`` are set by :class:`CkptStoreCheckpoint`, whose saves go
+    through its manager.)
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, *, manager: CheckpointManager | None = None,
@@ -71,21 +73,19 @@ class CkptStoreIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self._manager = manager
         self._background = background
-        # URL -> (name, step, metrics) of the manager checkpoints CkptStoreCheckpoint announced: kept until written,
-        # since a wrapping AsyncCheckpointIO calls save_checkpoint later, from its own thread
-        self._expected: dict[str, tuple[str, int, dict[str, float]]] = {}
+        self._announced: tuple[str, str, int, dict[str, float]] | None = None  # (url, name, step, metrics): see expect
 
     def expect(self, name: str, step: int, metrics: dict[str, float]) -> str:
         """Announce a save of manager checkpoint ``name``; return the URL that Lightning will pass to :meth:`save_checkpoint`."""
         assert self._manager is not None
         url = self._manager.storage.url(name)
-        self._expected = {url: (name, step, metrics)}  # one at a time: a rank that does not write keeps none
+        self._announced = (url, name, step, metrics)  # replaced by the next: a rank that does not write keeps one
         return url
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        managed = self._expected.pop(os.fspath(path), None)
-        if managed is not None and self._manager is not None:
-            name, step, metrics = managed
+        announced, self._announced = self._announced, None
+        if announced is not None and self._manager is not None and announced[0] == os.fspath(path):
+            _, name, step, metrics = announced
             # background: the manager copies the tensors to host memory, then writes and commits in its thread
             if self._background:
                 self._manager.save(checkpoint, step, metrics, name=name, blocking=False)
@@ -104,7 +104,7 @@ class CkptStoreIO(CheckpointIO):
             if restored is None:
                 raise ConfigError(f"no checkpoint under {self._manager.root} to resume from")
             return dict(restored)
-        storage, name = _parent(os.fspath(path), self.storage_options)
+        storage, name = open_parent(path, self.storage_options)
         local = storage.local_path(name)
         if local is not None:
             return _checked_load(local, storage.url(name), map_location, weights_only)
@@ -124,11 +124,6 @@ class CkptStoreIO(CheckpointIO):
             return "latest"
         parent, name = posixpath.split(path.rstrip("/"))
         return name if parent == self._manager.root.rstrip("/") else None
-
-
-def _parent(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
-    parent, name = posixpath.split(url)
-    return open_storage(parent or ".", storage_options), name
 
 
 def _checked_load(local: str, where: str, map_location: MapLocation, weights_only: bool | None) -> dict[str, Any]:
