@@ -184,9 +184,21 @@ def test_a_failed_save_leaves_the_previous_file_whole(store):
     assert store.filesystem().cat_file(store.path("last.ckpt")) == before
 
 
+def test_lightnings_per_call_storage_options_are_fsspec_options(store):
+    from ckptstore.lightning import CkptStoreIO
+
+    url = store.join("w.ckpt")
+    CkptStoreIO().save_checkpoint(lightning_checkpoint(), url, storage_options=store.storage_options)  # trainer.save_checkpoint's
+    assert torch.equal(CkptStoreIO(store.storage_options).load_checkpoint(url)["state_dict"]["w"], torch.arange(4096.0))
+    with pytest.raises(TypeError, match=r"^storage_options must be a dict of fsspec options, got str$"):
+        CkptStoreIO().save_checkpoint(lightning_checkpoint(), url, storage_options="s3")
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["", "async"])
 @pytest.mark.parametrize("store", [pytest.param("local", id="local"), pytest.param("memory", id="memory")], indirect=True)
-def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(store):
+def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(store, background):
     import lightning
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
     from ckptstore.lightning import CkptStoreIO
 
@@ -194,9 +206,10 @@ def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(stor
 
     def trainer(epochs: int) -> lightning.Trainer:
         checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=store.url, save_top_k=2, monitor="val_loss", save_last=True)
+        io = CkptStoreIO(store.storage_options)
         return lightning.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                                  enable_model_summary=False, num_sanity_val_steps=0,
-                                 callbacks=[checkpoint], plugins=[CkptStoreIO(store.storage_options)])
+                                 callbacks=[checkpoint], plugins=[AsyncCheckpointIO(io) if background else io])
 
     lightning.seed_everything(1, verbose=False)
     first = trainer(2)
