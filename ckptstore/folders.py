@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -36,6 +37,8 @@ from .errors import ConfigError
 from .manifest import FOLDER_FORMAT, CheckpointInfo, FileEntry
 from .serializers import CHUNK_BYTES, ChecksumWriter, Source, read_checked
 from .storage import FsspecStorage, check_relative_path
+
+FILES_IN_FLIGHT = 4  # files of one folder checkpoint uploaded at once
 
 
 def files_in(folder: str | os.PathLike[str]) -> list[str]:
@@ -63,15 +66,20 @@ def write_folder(
     uploaded before a failure are an unfinished save, removed once idle.
     """
     prefix = f"files-{new_token()}"
-    entries = []
-    for rel in files_in(folder):
+
+    def upload(rel: str) -> FileEntry:
         local = Path(folder, rel)
         with open(local, "rb") as src, storage.open_write(f"{name}/{prefix}/{rel}", local.stat().st_size) as raw:
             out = ChecksumWriter(raw)
             while chunk := src.read(CHUNK_BYTES):
                 out.write(chunk)
-        entries.append(FileEntry(f"{prefix}/{rel}", out.size, out.crc))
-    info = CheckpointInfo(name=name, step=step, format=FOLDER_FORMAT, metrics=dict(metrics), files=tuple(entries),
+        return FileEntry(f"{prefix}/{rel}", out.size, out.crc)
+
+    paths = files_in(folder)
+    # a few files at once: a folder is mostly small files, each a round trip (memory: FILES_IN_FLIGHT uploads' parts)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(FILES_IN_FLIGHT, len(paths))) as pool:
+        entries = tuple(pool.map(upload, paths))
+    info = CheckpointInfo(name=name, step=step, format=FOLDER_FORMAT, metrics=dict(metrics), files=entries,
                           url=storage.url(name), monitor=monitor)
     return commit_manifest(storage, info)
 

@@ -172,7 +172,7 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         self.preemption_clouds = tuple(preemption_clouds)
         self._rng_to_restore: dict[str, Any] | None = None
         self._watcher: PreemptionWatcher | None = None
-        self._pointer_folder = tempfile.mkdtemp(prefix="ckptstore-lightning-")
+        self._pointers: tempfile.TemporaryDirectory[str] | None = None  # made when "last" is asked for; removed at teardown
 
     # -- where and how ---------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -209,7 +209,10 @@ class CkptStoreCheckpoint(ModelCheckpoint):
             trainer.should_stop = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Wait for a background save (its failure raises here), stop watching for spot notices."""
+        """Wait for a background save (its failure raises here), stop watching for spot notices, remove the pointer."""
+        if self._pointers is not None:
+            self._pointers.cleanup()
+            self._pointers = None
         self.manager.wait()
         if self._watcher is not None:
             self._watcher.stop()
@@ -249,7 +252,9 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         latest = self.manager.latest()
         if latest is None:
             return set()
-        pointer = os.path.join(self._pointer_folder, latest.name + _POINTER_SUFFIX)
+        if self._pointers is None:
+            self._pointers = tempfile.TemporaryDirectory(prefix="ckptstore-lightning-")
+        pointer = os.path.join(self._pointers.name, latest.name + _POINTER_SUFFIX)
         with open(pointer, "w") as f:
             f.write(latest.url)
         return {pointer}

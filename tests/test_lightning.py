@@ -238,6 +238,8 @@ def test_best_and_an_explicit_url_restore_exactly_those(store):
     mgr = CheckpointManager(store.url, storage_options=store.storage_options)
     best, oldest = mgr.best(), mgr.checkpoints()[0]
     assert checkpoint.best_model_path == best.url
+    trainer.fit(Tiny(), *loaders(), ckpt_path="last")  # done already: restores the newest, trains nothing
+    assert trainer.global_step == 24 and checkpoint._pointers is None  # the "last" pointer's folder is gone
     for ckpt_path, which in [("best", best), (oldest.url, oldest)]:
         fresh = Tiny()
         trainer.validate(fresh, loaders()[1], ckpt_path=ckpt_path, verbose=False)
