@@ -90,6 +90,8 @@ def resume_path(
     try:
         info = manager.restore_folder(incoming)
         if info is None:
+            if local_dir is None:
+                shutil.rmtree(base, ignore_errors=True)
             return None
         final = os.path.join(base, info.name)
         if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
