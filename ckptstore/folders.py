@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -37,8 +36,6 @@ from .errors import ConfigError
 from .manifest import FOLDER_FORMAT, CheckpointInfo, FileEntry
 from .serializers import CHUNK_BYTES, ChecksumWriter, Source, read_checked
 from .storage import FsspecStorage, check_relative_path
-
-FILES_IN_FLIGHT = 4  # files of one folder checkpoint uploaded at once
 
 
 def files_in(folder: str | os.PathLike[str]) -> list[str]:
@@ -75,10 +72,9 @@ def write_folder(
                 out.write(chunk)
         return FileEntry(f"{prefix}/{rel}", out.size, out.crc)
 
-    paths = files_in(folder)
-    # a few files at once: a folder is mostly small files, each a round trip (memory: FILES_IN_FLIGHT uploads' parts)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(FILES_IN_FLIGHT, len(paths))) as pool:
-        entries = tuple(pool.map(upload, paths))
+    # one file after another: uploading 4 at once measured no faster on S3 (moto) and held twice the memory
+    # (benchmarks/RESULTS.md, "Integrations")
+    entries = tuple(upload(rel) for rel in files_in(folder))
     info = CheckpointInfo(name=name, step=step, format=FOLDER_FORMAT, metrics=dict(metrics), files=entries,
                           url=storage.url(name), monitor=monitor)
     return commit_manifest(storage, info)
