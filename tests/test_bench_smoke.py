@@ -19,6 +19,7 @@ import pytest
 SCRIPT = shutil.which("ckptstore", path=os.path.dirname(sys.executable))
 HISTORY = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_history.py"
 ASYNC = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async.py"
+INTEGRATIONS = ASYNC.with_name("bench_integrations.py")
 
 
 @pytest.mark.slow
@@ -79,3 +80,25 @@ def test_bench_async_measures_every_cell_and_writes_its_section(tmp_path):
     for op in ("local:loop", "s3:loop"):
         assert runs[op]["loop"]["during"] and runs[op]["loop"]["before"] and runs[op]["loop"]["after"]
     assert "## Async save: training-loop stall (bench_async.py)" in results.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.long  # make test-long: 50 s
+def test_bench_integrations_measures_every_path_and_the_damage(tmp_path):
+    out = tmp_path / "integrations.json"
+    done = subprocess.run(
+        [sys.executable, str(INTEGRATIONS), "--mib", "4", "--integrity-mib", "2", "--hf-mib", "2", "--repeats", "1",
+         "--no-results-md", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    measured = {(r["op"], r["store"]) for r in result["rows"]}
+    for store in ("s3", "local"):
+        assert {(op, store) for op in ("lightning", "ckptstore-io", "manager", "raw")} <= measured
+    assert {("hf-manager", "s3"), ("hf-put", "s3")} <= measured
+    outcomes = [row for check in result["checks"] for row in check["rows"]]
+    assert {row["store"] for row in outcomes} == {"s3", "local"}
+    for row in outcomes:  # Lightning's loader takes the flipped byte; ckptstore's refuse it
+        expected = "loaded, no error; 1 wrong value" if row["reader"].startswith("Lightning") else "raised `CorruptCheckpointError`"
+        assert row["outcome"].startswith(expected), row
