@@ -10,6 +10,7 @@ every new folder is made durable by an ``fsync`` of its parent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -74,7 +75,10 @@ def make_folder(folder: str) -> None:
     while not os.path.isdir(path):
         missing.append(path)
         path = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError as err:  # a file where a folder should be: not "exists" (a create-only refusal means that)
+        raise NotADirectoryError(errno.ENOTDIR, f"a file is in the way of the folder {folder}", err.filename) from err
     for created in reversed(missing):
         fsync_folder(os.path.dirname(created))
 

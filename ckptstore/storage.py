@@ -469,6 +469,8 @@ class FsspecStorage:
             size = self.fs.size(self.root) if is_file else 0  # S3 refuses a range of an empty object
             head = self.fs.cat_file(self.root, start=0, end=min(size, sniff.HEAD_BYTES)) if size else b""
         if not is_file:
+            if self.is_local:
+                self._check_no_file_above()
             return
         parent = posixpath.dirname(self.root.rstrip("/")) if self.is_local else posixpath.dirname(self.root_url.rstrip("/"))
         what = sniff.what_is(head)
@@ -477,6 +479,17 @@ class FsspecStorage:
         raise ConfigError(f"{self.root_url} is {what}, not a folder of checkpoints: ckptstore.load reads it whole, "
                           f"ckptstore.load_partial(url, model) the tensors a model has; a root is the folder that checkpoints "
                           f"go in (its folder {parent}?)")
+
+    def _check_no_file_above(self) -> None:
+        """Raise ConfigError if a folder above a local root is a file: such a root can never hold a
+        checkpoint, and restoring from it would look like a fresh start (object stores allow a key
+        and a prefix of the same name, so only local roots are checked)."""
+        above = os.path.dirname(os.path.abspath(self.root))
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if os.path.isfile(above):
+            raise ConfigError(f"{self.root_url} is below {above}, which is a file, not a folder: no checkpoint can be "
+                              "there; fix the root")
 
     def makedirs(self) -> None:
         """Create the root folder on a local disk (object stores have no folders)."""

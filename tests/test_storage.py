@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from ckptstore.errors import StorageError
 from ckptstore.storage import open_storage
 
 
@@ -122,3 +123,35 @@ def test_a_path_that_is_not_plainly_below_the_root_is_refused(path):
 
     with pytest.raises(InvalidNameError, match="must be"):
         check_relative_path(path)  # type: ignore[arg-type]
+
+
+def _refuse(*args, **kwargs):
+    raise PermissionError(13, "injected refusal")
+
+
+@pytest.mark.parametrize(("call", "fs_method", "op", "where"), [
+    (lambda s: s.list_files(), "find", "list", ""),
+    (lambda s: s.read_many(["a/manifest.json", "b/manifest.json"]), "cat_ranges", "read", "a/manifest.json"),
+    (lambda s: s.check_not_a_file(), "isfile", "reach", ""),
+])
+def test_a_refused_call_names_what_it_did_and_where(store, monkeypatch, call, fs_method, op, where):
+    """Each store call's error says which operation failed on which URL (the user's way to the cause)."""
+    storage = open_storage(store.url, store.storage_options)
+    monkeypatch.setattr(storage.fs, fs_method, _refuse)
+    with pytest.raises(StorageError) as err:
+        call(storage)
+    assert str(err.value) == (f"cannot {op} {storage.url(where)}: access denied ([Errno 13] injected refusal); check the credentials "
+                              "(environment or storage_options) and the bucket policy")
+
+
+@pytest.mark.parametrize(("call", "op", "where"), [
+    (lambda s: s.write_new("X/manifest.json", b"{}"), "write", "X/manifest.json"),
+    (lambda s: s.delete("X/state-01234567.pt"), "delete", "X/state-01234567.pt"),
+    (lambda s: open_storage(s.url("X/run")).makedirs(), "write", "X/run"),
+])
+def test_a_file_in_the_way_on_a_local_disk_is_named(tmp_path, call, op, where):
+    storage = open_storage(str(tmp_path))
+    (tmp_path / "X").write_bytes(b"a file where a folder should be")
+    with pytest.raises(StorageError) as err:
+        call(storage)
+    assert str(err.value) == f"cannot {op} {storage.url(where)}: part of the path is a file, not a folder; fix the path"

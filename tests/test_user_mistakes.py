@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -59,6 +60,27 @@ def test_a_file_given_as_the_root_is_refused(store):
                                           r"it starts with 6e6f74.*\), not a folder of checkpoints; "
                                           rf"did you mean its folder {re.escape(folder)}\?$"):
         manager(store, store.join("weights.safetensors"))
+
+
+def test_a_root_below_a_file_is_refused_not_a_fresh_start(store):
+    """A local root under a file can never hold a checkpoint: refused when the manager starts (before,
+    restore() said "starting fresh"). Object stores allow a key and a prefix of one name: nothing to refuse."""
+    storage = open_storage(store.url, store.storage_options)
+    storage.makedirs()
+    with storage.open_write("X") as f:  # a one-letter name: the hint names the file itself, not its parent
+        f.write(b"a file")
+    root = store.join("X", "run", "exp1")
+    if store.kind not in ("local", "file"):
+        assert manager(store, root).restore() is None
+        return
+    file = os.path.join(storage.root, "X")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(root)} is below {re.escape(file)}, which is a file, not a "
+                                          r"folder: no checkpoint can be there; fix the root$"):
+        manager(store, root)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(store.join('X'))} is a file \(neither a torch file nor a "
+                                          rf"safetensors file: .*\), not a folder of checkpoints; did you mean its folder "
+                                          rf"{re.escape(storage.root.rstrip('/'))}\?$"):
+        manager(store, store.join("X"))  # a file named X: its folder, not X's grandparent
 
 
 @pytest.mark.parametrize("name, what", [("last.ckpt", "a torch file"), ("model.bin", "a safetensors file")])
@@ -235,3 +257,15 @@ def test_a_bucket_that_does_not_exist_is_named_when_the_manager_starts(remote_st
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     with pytest.raises(StorageError, match=rf"^bucket '{bucket}' of {re.escape(url)} does not exist; create it or fix the URL$"):
         CheckpointManager(url, storage_options=remote_store.storage_options)
+
+
+def test_a_file_named_like_the_checkpoint_folder_fails_the_save_by_name(tmp_path):
+    """A stray file where a checkpoint's folder goes (local disks only: object stores have no folders):
+    a StorageError naming it, not FileExistsError (which means "another writer committed first")."""
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save({"w": torch.ones(2)}, step=1)
+    (tmp_path / "step_00000005").write_text("a stray file")
+    with pytest.raises(StorageError, match=rf"^cannot write {re.escape(str(tmp_path))}/step_00000005/state-[0-9a-f]{{8}}"
+                                           r"\.safetensors: part of the path is a file, not a folder; fix the path$"):
+        mgr.save({"w": torch.ones(2)}, step=5)
+    assert [c.step for c in mgr.checkpoints()] == [1] and (tmp_path / "step_00000005").read_text() == "a stray file"
