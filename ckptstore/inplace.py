@@ -255,11 +255,10 @@ def _checked_dict(tree: Any, info: CheckpointInfo) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Pair:
-    """``live`` is restored from the saved tensor ``key`` (``path`` names it for messages)."""
+    """``live`` is restored from the saved tensor ``key``."""
 
     live: torch.Tensor
     key: str
-    path: str
 
 
 @dataclass
@@ -290,12 +289,12 @@ def _walk(live: Any, saved: Any, path: str, steps: _Steps) -> Any:
     """
     if isinstance(live, torch.Tensor):
         check_tensor(live, saved, path, module=False)
-        _pair(live, saved, path, steps.pairs)
+        _pair(live, saved, steps.pairs)
     elif isinstance(live, torch.nn.Module) and loads_key_for_key(live):
-        _pair(check_module(live, saved, path), saved, path, steps.pairs)
+        _pair(check_module(live, saved, path), saved, steps.pairs)
     elif isinstance(live, torch.optim.Optimizer) and loads_as_torch(live):
         check_optimizer(live, saved, path)
-        _pair(live.state_dict()["state"], saved["state"], f"{path}['state']", steps.pairs)
+        _pair(live.state_dict()["state"], saved["state"], steps.pairs)
     elif is_stateful(live):
         steps.opaque.append((live, saved, path))
         return live
@@ -339,15 +338,15 @@ def _apply(steps: _Steps, land: Callable[[], None]) -> None:
         raise
 
 
-def _pair(live: Any, saved: Any, path: str, out: list[_Pair]) -> None:
+def _pair(live: Any, saved: Any, out: list[_Pair]) -> None:
     """Collect the live tensors, alone or in nested dicts, that saved tensors restore by key."""
     if isinstance(saved, Marker):
         if isinstance(live, torch.Tensor) and not is_lazy(live):
-            out.append(_Pair(live, saved.key, path))
+            out.append(_Pair(live, saved.key))
     elif isinstance(live, dict) and isinstance(saved, dict):
         for k, v in saved.items():
             if k in live:
-                _pair(live[k], v, f"{path}[{k!r}]", out)
+                _pair(live[k], v, out)
 
 
 def _destinations(pairs: list[_Pair], sources: dict[str, SourceTensor]) -> dict[str, torch.Tensor]:

@@ -184,6 +184,7 @@ def test_min_loaded_refuses_a_load_of_almost_nothing(store):
     assert ckptstore.load_partial(url, dict(source), storage_options=opts).loaded == ["a"]  # partial is allowed ...
     with pytest.raises(ckptstore.StateMismatchError, match=r"only 1 of the target's 4 tensors matched"):
         ckptstore.load_partial(url, dict(source), min_loaded=0.5, storage_options=opts)  # ... down to a bar the caller sets
+    assert ckptstore.load_partial(url, dict(source), min_loaded=0.25, storage_options=opts).loaded == ["a"]  # the bar itself passes
 
 
 def test_a_tied_weight_stored_once_counts_as_loaded_so_strict_passes(store):
@@ -295,6 +296,9 @@ def test_a_sharded_load_takes_the_key_device_and_strict_dtype_as_a_file_does(sto
     on_meta = {"a": torch.zeros(4)}
     ckptstore.load_partial(url, on_meta, key="model", device="meta", storage_options=opts)
     assert on_meta["a"].device.type == "meta"
+    with pytest.raises(StateMismatchError, match=r"/nested/s.safetensors.index.json holds no tensor under 'optim'; pass key= "
+                                                 r"with the state entry that holds the weights$"):
+        ckptstore.load_partial(url, {"x": torch.zeros(2)}, key="optim", storage_options=opts)  # "opt" is the entry
 
 
 def test_describe_of_shards_refuses_a_pickled_object_unless_trusted(store):

@@ -383,12 +383,12 @@ def test_a_checkpoint_with_sparse_tensors_says_why_it_is_read_whole(store, caplo
     """Sparse tensors are built by torch's own loader: the restore logs (INFO) which ones made it read the file whole."""
     mgr = manager(store, "torch")
     sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 3.0], (4,), check_invariants=True)
-    info = mgr.save({"sparse": sparse, "w": torch.ones(3)}, step=0)
+    info = mgr.save({"sparse": sparse, "also": sparse * 2, "w": torch.ones(3)}, step=0)
     with caplog.at_level(logging.INFO, logger="ckptstore"):
         mgr.restore({"w": torch.zeros(3)})
     [record] = [r for r in caplog.records if "reading it whole" in r.getMessage()]
     assert record.levelno == logging.INFO and record.name == "ckptstore"
-    assert record.getMessage() == f"{info.url} holds sparse or quantized tensors (sparse); reading it whole"
+    assert record.getMessage() == f"{info.url} holds sparse or quantized tensors (sparse, also); reading it whole"
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")

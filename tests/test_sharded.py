@@ -226,3 +226,33 @@ def test_a_checked_restore_downloads_each_shard_once(store, monkeypatch):
         assert from_store and all(".distcp" in p for p in from_store)
     else:
         assert from_store == []
+
+
+def test_describe_of_a_sharded_checkpoint_reads_only_its_metadata_and_tree(store):
+    from ckptstore.partial import describe
+    from ckptstore.serializers import TREE_METADATA_KEY
+
+    mgr, _, _ = saved(store)
+    info = mgr.latest()
+    desc = describe(store.join(info.name), storage_options=store.storage_options)
+    tensors = {t["name"]: t for t in desc["tensors"]}
+    assert tensors["model/2.weight"] == {"name": "model/2.weight", "dtype": "float32", "shape": [2, 8], "bytes": 64}
+    assert tensors["optim/state/2.weight/exp_avg"]["shape"] == [2, 8]  # global shapes, from DCP's metadata
+    assert desc["values"]["shards"] == [f.path for f in info.files if f.path.endswith(".distcp")]
+    tree = desc["values"][TREE_METADATA_KEY]
+    assert tree["epoch"] == 3 and tree["note"] == "x" and tree["model"]["2.weight"] == "<tensor model/2.weight>"
+    assert desc["header_bytes_read"] == sum(f.size for f in info.files if not f.path.endswith(".distcp"))
+    assert desc["checkpoint"]["format"] == "dcp" and desc["checkpoint"]["step"] == 3 and desc["url"] == info.url
+
+
+def test_a_partial_load_of_a_sharded_checkpoint_casts_or_refuses_another_dtype(store):
+    mgr, m, _ = saved(store)
+    url = store.join(mgr.latest().name)
+    target = {"2.bias": torch.zeros(2, dtype=torch.float64)}
+    report = ckptstore.load_partial(url, target, storage_options=store.storage_options)
+    assert report.cast == {"2.bias": (torch.float32, torch.float64)}
+    assert torch.equal(target["2.bias"], plain(m[2].bias).double())
+    with pytest.raises(StateMismatchError, match=r"^2\.bias: the file holds torch\.float32, the target torch\.float64 "
+                                                 r"\(strict_dtype=True\)$"):
+        ckptstore.load_partial(url, {"2.bias": torch.zeros(2, dtype=torch.float64)}, strict_dtype=True,
+                               storage_options=store.storage_options)

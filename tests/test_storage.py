@@ -116,13 +116,25 @@ def test_version_tells_one_write_of_a_file_from_the_next(store):
     assert published[1] == storage.version("f.bin") != first
 
 
-@pytest.mark.parametrize("path", [5, "", "C:", "a//b", "a/", "../x", "/x", "s3://b/x", "a\\b"])
+@pytest.mark.parametrize("path", ["C:", "a//b", "a/", "../x", "/x", "~/x", "s3://b/x", "a\\b", "step\x00_1", "a/./b"])
 def test_a_path_that_is_not_plainly_below_the_root_is_refused(path):
     from ckptstore import InvalidNameError
     from ckptstore.storage import check_relative_path
 
-    with pytest.raises(InvalidNameError, match="must be"):
+    with pytest.raises(InvalidNameError) as err:
+        check_relative_path(path)
+    assert str(err.value) == (f"path {path!r} must be relative to the checkpoint root, without '..', a leading '/', a URL "
+                              "scheme or empty segments; use a plain name like 'step_00000010'")
+
+
+@pytest.mark.parametrize("path", [5, "", None])
+def test_a_path_that_is_not_a_string_is_refused(path):
+    from ckptstore import InvalidNameError
+    from ckptstore.storage import check_relative_path
+
+    with pytest.raises(InvalidNameError) as err:
         check_relative_path(path)  # type: ignore[arg-type]
+    assert str(err.value) == f"path {path!r} must be a non-empty string"
 
 
 def _refuse(*args, **kwargs):
