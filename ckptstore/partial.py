@@ -406,8 +406,9 @@ def _plan_torch(storage: FsspecStorage, name: str, size: int, head: bytes, tail:
 
 
 def _location(ref: TensorRef | RebuiltRef) -> str:
-    storages = [ref.storage] if isinstance(ref, TensorRef) else ref.storages()
-    return storages[0].location if storages else "cpu"
+    """Where the tensor was saved (its first storage's location: a rebuilt one has at least one, since a
+    tensor built from none, a meta tensor, is refused by the planner)."""
+    return (ref.storage if isinstance(ref, TensorRef) else ref.storages()[0]).location
 
 
 def _replace_refs(obj: Any, tensor: Callable[[TensorRef | RebuiltRef], Any]) -> Any:
