@@ -301,9 +301,10 @@ def test_wrong_credentials_say_so(authenticating_s3):
 
 def test_unwritable_local_path_fails_the_save_with_a_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    mgr = CheckpointManager(blocker / "run")
-    with pytest.raises(ckptstore.StorageError, match="cannot write"):
+    mgr = CheckpointManager(blocker / "run")  # fine when made (a root below a file is refused then: test_user_mistakes.py)
+    blocker.write_text("x")  # ... then a file takes the folder's place
+    with pytest.raises(ckptstore.StorageError, match=rf"^cannot write {blocker}/run: part of the path is a file, not a "
+                                                     r"folder; fix the path$"):
         mgr.save({"x": 1}, step=0)
 
 
