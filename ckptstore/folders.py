@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .commit import check_size, commit_manifest, new_token
 from .errors import ConfigError
+from .localdisk import fsync_folder
 from .manifest import FOLDER_FORMAT, CheckpointInfo, FileEntry
 from .serializers import CHUNK_BYTES, ChecksumWriter, Source, read_checked
 from .storage import FsspecStorage, check_relative_path
@@ -106,9 +107,12 @@ def download_folder(storage: FsspecStorage, info: CheckpointInfo, dest: str | os
             check_size(storage, path, entry.size)
             with open(local, "wb") as out:
                 read_checked(Source(storage, path, entry.size), entry.crc32c, copy_to=out)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before the rename makes the folder whole
         with contextlib.suppress(FileNotFoundError):
             final.rmdir()  # empty (checked above): the rename needs its name free
         partial.rename(final)
+        fsync_folder(str(final.parent))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

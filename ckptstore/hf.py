@@ -5,14 +5,14 @@ its ``get_last_checkpoint`` takes the newest folder by name, even one a killed j
 written. :class:`CkptStoreCallback` commits each folder the Trainer finished to a root URL as
 a folder checkpoint (:meth:`CheckpointManager.save_folder`: every file with its CRC32C, one
 manifest written last), with ckptstore's retention there. On a fresh machine,
-:func:`resume_path` brings the newest good one down and returns its local path.
+the callback's :meth:`~CkptStoreCallback.resume_path` (or :func:`resume_path`) brings the newest good one
+down and returns its local path.
 
-    from ckptstore.hf import CkptStoreCallback, resume_path
+    from ckptstore.hf import CkptStoreCallback
 
-    root = "s3://bucket/runs/gpt"
-    trainer = Trainer(model, args, train_dataset=data,
-                      callbacks=[CkptStoreCallback(root, keep_last=2, keep_best=1, monitor="eval_loss")])
-    trainer.train(resume_from_checkpoint=resume_path(root))  # None: a fresh start, with a warning
+    callback = CkptStoreCallback("s3://bucket/runs/gpt", keep_last=2, keep_best=1, monitor="eval_loss")
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=callback.resume_path())  # None: a fresh start, with a warning
 
 Needs ``transformers`` (``pip install ckptstore[hf]``).
 """
@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from .errors import ConfigError, MissingDependency
 from .manager import CheckpointManager
@@ -45,8 +47,9 @@ class CkptStoreCallback(TrainerCallback):
         manager_options: the other :class:`CheckpointManager` options (``keep_last``,
             ``keep_best``, ``mode``, ``storage_options``, ``transfers``, ...).
 
-    Only the process that saves (``args.should_save``: the main one) uploads; the Trainer's
-    own ``save_total_limit`` still decides how many folders stay on the local disk.
+    The world's process zero uploads, after every rank wrote its files (a barrier in a
+    distributed job: ``output_dir`` must be one folder every rank writes to); the Trainer's own
+    ``save_total_limit`` still decides how many folders stay on the local disk.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, monitor: str | None = None, **manager_options: Any) -> None:
@@ -55,11 +58,18 @@ class CkptStoreCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Commit ``output_dir/checkpoint-<step>``, which the Trainer has just written whole."""
-        if not args.should_save:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its own files (its RNG state) before rank 0 reads the folder
+        if not state.is_world_process_zero:
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         folder = os.path.join(str(args.output_dir), name)
         self.manager.save_folder(folder, step=state.global_step, metrics=_metrics_at(state, self.monitor), name=name)
+
+    def resume_path(self, local_dir: str | os.PathLike[str] | None = None) -> str | None:
+        """:func:`resume_path` through this callback's manager, which then remembers a damaged checkpoint it
+        skipped: the Trainer's save of that step replaces it (instead of refusing the step as taken)."""
+        return _download_newest(self.manager, local_dir)
 
 
 def _metrics_at(state: TrainerState, monitor: str | None) -> Mapping[str, float]:
@@ -77,13 +87,19 @@ def resume_path(
     """Download the newest good checkpoint under ``root`` and return its local folder, for
     ``trainer.train(resume_from_checkpoint=...)``; None (and a warning) when there is none.
 
-    It lands in ``local_dir/<its name>`` (a new temporary folder by default), every file
-    checked; a damaged newest checkpoint is skipped for the one before, with a warning.
+    It lands in ``local_dir/<its name>`` (a new temporary folder by default, yours to remove once
+    the run is over), every file checked; a damaged newest checkpoint is skipped for the one
+    before, with a warning. When the run has a :class:`CkptStoreCallback`, use its
+    :meth:`~CkptStoreCallback.resume_path`: the skipped checkpoint is then replaced when the
+    Trainer saves that step again.
 
     Raises:
         ConfigError: ``local_dir/<name>`` exists and is not empty.
     """
-    manager = CheckpointManager(root, storage_options=storage_options, distributed=False)
+    return _download_newest(CheckpointManager(root, storage_options=storage_options, distributed=False), local_dir)
+
+
+def _download_newest(manager: CheckpointManager, local_dir: str | os.PathLike[str] | None) -> str | None:
     base = tempfile.mkdtemp(prefix="ckptstore-hf-") if local_dir is None else os.fspath(local_dir)
     os.makedirs(base, exist_ok=True)
     incoming = tempfile.mkdtemp(prefix=".incoming-", dir=base)  # the name is known once a good one is found

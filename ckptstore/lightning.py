@@ -31,6 +31,7 @@ import posixpath
 import tempfile
 from collections.abc import Sequence
 from typing import Any
+from weakref import proxy
 
 import torch
 
@@ -48,6 +49,7 @@ try:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
     from lightning.pytorch.plugins.io.torch_plugin import TorchCheckpointIO
+    from lightning.pytorch.strategies import Strategy
 except ImportError as err:  # pragma: no cover - the extra is installed wherever this is tested
     raise MissingDependency("ckptstore.lightning needs lightning: pip install 'ckptstore[lightning]'") from err
 
@@ -84,8 +86,11 @@ class CkptStoreIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         announced, self._announced = self._announced, None
-        if announced is not None and self._manager is not None and announced[0] == os.fspath(path):
-            _, name, step, metrics = announced
+        if announced is not None and self._manager is not None:  # the save CkptStoreCheckpoint just asked the trainer for
+            url, name, step, metrics = announced
+            if posixpath.basename(os.fspath(path).rstrip("/")) != name:
+                raise ConfigError(f"the trainer's strategy saved {os.fspath(path)!r} where CkptStoreCheckpoint asked for {url}; "
+                                  "nothing was committed")
             # background: the manager copies the tensors to host memory, then writes and commits in its thread
             if self._background:
                 self._manager.save(checkpoint, step, metrics, name=name, blocking=False)
@@ -100,7 +105,7 @@ class CkptStoreIO(CheckpointIO):
         which = self._managed(os.fspath(path))
         if which is not None:
             assert self._manager is not None
-            restored = self._manager.restore(None, which, map_location=map_location)
+            restored = self._manager.restore(None, which, map_location=map_location, weights_only=weights_only is not False)
             if restored is None:
                 raise ConfigError(f"no checkpoint under {self._manager.root} to resume from")
             return dict(restored)
@@ -178,6 +183,9 @@ class CkptStoreCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Point Lightning at the manager's root and make sure the trainer writes through :attr:`io`."""
         self.dirpath = self.manager.root
+        if type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint:  # DeepSpeed, sharded FSDP, XLA, ...
+            raise ConfigError(f"{type(trainer.strategy).__name__} writes checkpoints itself, not through a CheckpointIO: "
+                              "CkptStoreCheckpoint cannot commit them; use it with a strategy that does (single device, DDP)")
         io = trainer.strategy.checkpoint_io
         if io is self.io:
             return
@@ -202,6 +210,9 @@ class CkptStoreCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         notice = "SIGTERM" if trainer.received_sigterm else self.manager.preemption_notice
+        if trainer.world_size > 1:  # a notice on one node stops every rank at the same batch (the save is collective)
+            noticed = trainer.strategy.reduce_boolean_decision(notice is not None, all=False)
+            notice = (notice or "a preemption notice on another rank") if noticed else None
         if notice is not None and not trainer.sanity_checking:
             log.warning("%s: saving step %d to %s and stopping", notice, trainer.global_step, self.manager.root)
             self._save_checkpoint(trainer, "")
@@ -213,10 +224,12 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         if self._pointers is not None:
             self._pointers.cleanup()
             self._pointers = None
-        self.manager.wait()
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        try:
+            self.manager.wait()
+        finally:
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
 
     # -- saving: Lightning decides when, the manager what is kept ---------------------------
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
@@ -235,6 +248,9 @@ class CkptStoreCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(url, self.save_weights_only)
         self._last_global_step_saved = step
         self._last_checkpoint_saved = self.last_model_path = url
+        if trainer.is_global_zero:  # as ModelCheckpoint does: loggers that upload models (W&B, MLflow) hear of it
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     @property
     def best_model_path(self) -> str:
@@ -261,7 +277,16 @@ class CkptStoreCheckpoint(ModelCheckpoint):
 
     # -- the callback's own state, inside each checkpoint ----------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"root": self.manager.root, "rng": RNGState().state_dict()}
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        return {"root": self.manager.root, "rng": RNGState().state_dict(), "world_size": world}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._rng_to_restore = state_dict.get("rng")
+        """The RNG states come back in a one-process run only: rank 0 writes the checkpoint, so in a
+        job of several ranks they are rank 0's, and every rank taking them would draw the same
+        dropout masks (each rank keeps its own seeded RNG instead, as Lightning does)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        if world == 1 and state_dict.get("world_size", 1) == 1:
+            self._rng_to_restore = state_dict.get("rng")
+        else:
+            log.warning("%s: RNG states are restored in one-process runs only; each of the %d ranks keeps its own",
+                        self.manager.root, world)

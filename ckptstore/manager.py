@@ -147,6 +147,8 @@ class CheckpointManager:
         self._created = time.monotonic()
         self._preemption: PreemptionWatcher | None = None
         self._last_save: tuple[int, float] | None = None  # (step, monotonic time) of this manager's last save
+        # checkpoints a restore("latest") found unusable and went back past: a save that comes back to their step replaces them
+        self._set_aside: dict[str, str] = {}
 
     def _check_root(self) -> None:
         self.storage.check_bucket()
@@ -390,6 +392,8 @@ class CheckpointManager:
         """Before a save writes: is ``name`` free, and are leftovers removed? The root as it was listed."""
         self.storage.makedirs()
         found = scan(self.storage, self._known)  # not _scan: this may be the background save itself
+        if self._remove_set_aside(found, step, name):
+            found = scan(self.storage, self._known)
         commit.check_free(self.storage, found, step, name, allow_older)
         try:
             cleanup.clean(self.storage, found, self.abandoned_after, self._idle)
@@ -398,6 +402,16 @@ class CheckpointManager:
         except StorageError as err:  # leftovers wait for the next save; this one goes on
             log.warning("could not remove leftovers under %s: %s", self.root, err)
         return found
+
+    def _remove_set_aside(self, found: Scan, step: int, name: str) -> bool:
+        """Delete the unusable checkpoints this run resumed from before (see :meth:`restore`) that
+        are in the way of saving ``step`` as ``name``: the run has come back to them. True if any."""
+        in_the_way = [i for i in found.committed if i.name in self._set_aside and (i.step >= step or i.name == name)]
+        for info in in_the_way:
+            log.warning("removing %s: it was unusable when this run went back to an older checkpoint (%s), and the run "
+                        "has come back to step %d", info.url, self._set_aside.pop(info.name), step)
+            commit.delete_checkpoint(self.storage, info)
+        return bool(in_the_way)
 
     def _after_commit(self, found: Scan, info: CheckpointInfo, tree: Any) -> CheckpointInfo:
         """Log, export the best and apply retention after ``info`` committed on the root ``found`` describes."""
@@ -559,7 +573,9 @@ class CheckpointManager:
         device; ``map_location`` places the saved tensors that have no live counterpart.
 
         ``which`` is ``"latest"`` (falls back to the next newest if one is corrupt, with a
-        warning; None, with a warning naming the root, when there is none), ``"best"``, a
+        warning, and this manager's save of that step or an earlier one later replaces the
+        corrupt one, with a warning, instead of refusing the step as taken; None, with a warning
+        naming the root, when there is none), ``"best"``, a
         step number or a checkpoint name (CheckpointNotFound when absent, also on an empty root). ``verify`` checks the
         CRC32C before any live byte changes (remote checkpoints are first downloaded to a
         local temporary file, checked on the way). ``strict``: an entry of ``state`` that the
@@ -593,7 +609,7 @@ class CheckpointManager:
             if which != "latest":
                 raise_dropped(failed) if failed else raise_dropped([CorruptCheckpointError(unusable)])
             log.warning("checkpoint %s is unusable, trying the one before: %s", info.name, unusable)
-            tried[info.name] = unusable
+            tried[info.name] = self._set_aside[info.name] = unusable
         return None
 
     def save_folder(
@@ -628,11 +644,11 @@ class CheckpointManager:
         values = arguments.metrics(metrics or {}, self.policy.monitor, step)
         if self._export is not None:
             raise ConfigError("`export_best` exports a state's weights; a folder checkpoint has none it can read")
-        folders.files_in(folder)  # a missing or empty folder fails on every rank, before any I/O
         self._agree_on_save(step, name, False)
         self._last_save = (step, time.monotonic())
 
         def write() -> CheckpointInfo:
+            folders.files_in(folder)  # a missing or empty folder fails before any I/O (on every rank: on_leader raises it there)
             found = self._prepare(step, name, allow_older)
             info = folders.write_folder(self.storage, name, step, folder, values, self.policy.ranks_by)
             return self._after_commit(found, info, None)

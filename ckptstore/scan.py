@@ -28,7 +28,6 @@ from .storage import TEMP_FILE, FsspecStorage, Listed
 log = logging.getLogger("ckptstore")
 
 LIST_ATTEMPTS = 3  # listings per scan when manifests vanish between the listing and their read
-# a data file: one file per checkpoint, or a sharded save's files (see ckptstore.sharded)
 # a data file: one file per checkpoint, a sharded save's files (see ckptstore.sharded), or a folder
 # checkpoint's files, kept under the save's token (see ckptstore.folders)
 _DATA_FILE = re.compile(r"^state-[0-9a-f]{8}\.(?:safetensors|pt|rank\d+-\d+\.distcp|dcp-metadata|tree\.json)$|^files-[0-9a-f]{8}/.")

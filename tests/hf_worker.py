@@ -5,7 +5,7 @@ usage: python hf_worker.py '{"root": ..., "storage_options": ..., "output_dir": 
 
 Trains a tiny GPT-2 built from a config (random weights, no hub) for ``MAX_STEPS`` steps with a
 checkpoint every 2, evaluating before each, committed to ``root`` by :class:`CkptStoreCallback`.
-``resume``: start from :func:`resume_path` (a fresh machine: ``output_dir`` is empty).
+``resume``: start from the callback's ``resume_path`` (a fresh machine: ``output_dir`` is empty).
 ``hang_at``: after that step, write ``<out>.hanging`` and wait to be killed. Each committed
 save is appended to ``saves`` as ``{"step", "eval_loss"}``; the final weights go to ``out``.
 """
@@ -21,7 +21,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
-from ckptstore.hf import CkptStoreCallback, resume_path
+from ckptstore.hf import CkptStoreCallback
 
 MAX_STEPS = 8
 
@@ -67,7 +67,7 @@ def main(root: str, storage_options: dict, output_dir: str, out: str, resume: bo
     store = CkptStoreCallback(root, keep_last=2, keep_best=1, monitor="eval_loss", storage_options=storage_options)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(24, 0), eval_dataset=Tokens(8, 1),
                       callbacks=[store, Record(saves, hang_at, out)])
-    start = resume_path(root, Path(output_dir) / "resumed", storage_options=storage_options) if resume else None
+    start = store.resume_path(Path(output_dir) / "resumed") if resume else None
     trainer.train(resume_from_checkpoint=start)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
 

@@ -132,3 +132,24 @@ def test_a_half_written_local_folder_fools_get_last_checkpoint_not_resume_path(s
     (tmp_path / "out" / "checkpoint-6" / "model.safetensors").write_bytes(b"\0" * 10)
     assert get_last_checkpoint(str(tmp_path / "out")).endswith("checkpoint-6")  # HF's own choice: the torn one
     assert resume_path(store.url, tmp_path / "fresh", storage_options=store.storage_options).endswith("checkpoint-4")
+
+
+def test_the_callback_replaces_a_damaged_checkpoint_it_resumed_past(store, tmp_path, caplog):
+    """Resumed from checkpoint-2 past a damaged checkpoint-4, the Trainer's next save of step 4 replaces it
+    (the module-level resume_path has no callback to tell: the save would say step 4 is taken)."""
+    from ckptstore.hf import CkptStoreCallback
+
+    first = CkptStoreCallback(store.url, storage_options=store.storage_options)
+    first.manager.save_folder(checkpoint_folder(tmp_path / "a", 2), step=2, name="checkpoint-2")
+    bad = first.manager.save_folder(checkpoint_folder(tmp_path / "b", 4), step=4, name="checkpoint-4")
+    storage = open_storage(store.url, store.storage_options)
+    damaged = next(f for f in bad.files if f.path.endswith("model.safetensors"))
+    with storage.open_write(f"{bad.name}/{damaged.path}") as f:
+        f.write(os.urandom(damaged.size))
+    callback = CkptStoreCallback(store.url, storage_options=store.storage_options)  # the restarted job's
+    assert callback.resume_path(tmp_path / "local").endswith("checkpoint-2")
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        again = callback.manager.save_folder(checkpoint_folder(tmp_path / "c", 4), step=4, name="checkpoint-4")
+    assert again.files != bad.files and [c.name for c in callback.manager.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
+    assert any("removing" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
+    assert resume_path(store.url, tmp_path / "again", storage_options=store.storage_options).endswith("checkpoint-4")

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ckptstore import CheckpointManager, CorruptCheckpointError, files
+from ckptstore import CheckpointExists, CheckpointManager, CorruptCheckpointError, files
 from ckptstore.serializers import ChecksumReader, SafetensorsFormat, Source, read_checked
 from ckptstore.storage import open_parent, open_storage
 from test_foreign_files import put
@@ -213,3 +213,23 @@ def test_a_stream_that_returns_short_reads_is_read_whole_and_checksummed():
     data = bytes(range(256)) * 20
     reader = ChecksumReader(Trickle(data), "memory://x/w.bin")
     assert reader.read(len(data)) == data and (reader.size, reader.crc) == (len(data), crc32c.crc32c(data))
+
+
+def test_a_run_that_went_back_past_a_damaged_checkpoint_replaces_it_when_it_gets_there(store, caplog):
+    """restore() falls back past a damaged newest checkpoint; the resumed run's save of that step replaces
+    it (with a warning) instead of dying on "step 2 is already committed". A save of a step a restore did
+    not go back past is still refused."""
+    mgr = CheckpointManager(store.url, storage_options=store.storage_options)
+    mgr.save({"w": torch.zeros(1000), "step": 1}, step=1)
+    bad = mgr.save({"w": torch.ones(1000), "step": 2}, step=2)
+    corrupt(store, bad, "flip_middle")
+    with pytest.raises(CheckpointExists, match="step 2 is already committed"):
+        mgr.save({"w": torch.full((1000,), 2.0), "step": 2}, step=2)  # no restore went back past it: refused as ever
+    resumed = CheckpointManager(store.url, storage_options=store.storage_options)  # the restarted job
+    assert resumed.restore()["step"] == 1
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        again = resumed.save({"w": torch.full((1000,), 2.0), "step": 2}, step=2)
+    assert any(f"removing {bad.url}: it was unusable when this run went back to an older checkpoint" in r.getMessage()
+               for r in caplog.records)
+    assert [c.step for c in resumed.checkpoints()] == [1, 2] and again.files != bad.files
+    assert torch.equal(resumed.restore()["w"], torch.full((1000,), 2.0))

@@ -92,6 +92,7 @@ def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
     deadline = time.monotonic() + 240
     while not Path(f"{out}.hanging").exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert Path(f"{out}.hanging").exists(), f"the job never reached step {HANG_AT} (exit code {victim.poll()})"
     victim.kill()
     victim.wait(timeout=60)
     assert CheckpointManager(root).latest().step == HANG_AT - 2
@@ -105,8 +106,9 @@ def test_last_skips_a_damaged_checkpoint_and_says_so(uninterrupted, tmp_path):
     root = tmp_path / "root"
     victim = subprocess.Popen(command(str(root), {}, tmp_path / "run.pt", hang_at=HANG_AT + 2))
     deadline = time.monotonic() + 240
-    while not Path(f"{tmp_path}/run.pt.hanging").exists() and time.monotonic() < deadline:
+    while not Path(f"{tmp_path}/run.pt.hanging").exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert Path(f"{tmp_path}/run.pt.hanging").exists(), f"the job never reached step {HANG_AT + 2} (exit code {victim.poll()})"
     victim.kill()
     victim.wait(timeout=60)
     mgr = CheckpointManager(str(root))
@@ -204,12 +206,18 @@ def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(stor
 
     from lightning_worker import Tiny, loaders
 
-    def trainer(epochs: int) -> lightning.Trainer:
+    class BatchCounter(lightning.Callback):
+        seen = 0
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.seen += 1
+
+    def trainer(epochs: int, *more: lightning.Callback) -> lightning.Trainer:
         checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=store.url, save_top_k=2, monitor="val_loss", save_last=True)
         io = CkptStoreIO(store.storage_options)
         return lightning.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                                  enable_model_summary=False, num_sanity_val_steps=0,
-                                 callbacks=[checkpoint], plugins=[AsyncCheckpointIO(io) if background else io])
+                                 callbacks=[checkpoint, *more], plugins=[AsyncCheckpointIO(io) if background else io])
 
     lightning.seed_everything(1, verbose=False)
     first = trainer(2)
@@ -217,9 +225,10 @@ def test_lightning_model_checkpoint_writes_through_ckptstore_io_and_resumes(stor
     names = sorted(store.filesystem().ls(store.path(), detail=False))
     assert [n.rsplit("/", 1)[1] for n in names if n.endswith("last.ckpt")] == ["last.ckpt"]
     assert len([n for n in names if n.endswith(".ckpt")]) == 3  # top 2 and last: Lightning's own rotation, through remove_checkpoint
-    second = trainer(3)
+    batches = BatchCounter()
+    second = trainer(3, batches)
     second.fit(Tiny(), *loaders(), ckpt_path=store.join("last.ckpt"))
-    assert second.current_epoch == 3 and second.global_step == 24
+    assert second.current_epoch == 3 and second.global_step == 24 and batches.seen == 8  # epoch 3 only: it resumed
 
 
 @pytest.mark.parametrize("store", [pytest.param("memory", id="memory")], indirect=True)
@@ -236,21 +245,25 @@ def test_best_and_an_explicit_url_restore_exactly_those(store):
                                 enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint])
     trainer.fit(Tiny(), *loaders())
     mgr = CheckpointManager(store.url, storage_options=store.storage_options)
-    best, oldest = mgr.best(), mgr.checkpoints()[0]
+    best = mgr.best()
     assert checkpoint.best_model_path == best.url
-    trainer.fit(Tiny(), *loaders(), ckpt_path="last")  # done already: restores the newest, trains nothing
-    assert trainer.global_step == 24 and checkpoint._pointers is None  # the "last" pointer's folder is gone
-    for ckpt_path, which in [("best", best), (oldest.url, oldest)]:
+    again = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint])
+    again.fit(Tiny(), *loaders(), ckpt_path="last")  # a fresh trainer: restores step 24, so trains nothing
+    assert again.global_step == 24 and checkpoint._pointers is None  # the "last" pointer's folder is gone
+    other = next(c for c in mgr.checkpoints() if c.name != best.name)  # each restore below must pick its own
+    for ckpt_path, which in [("best", best), (other.url, other)]:
         fresh = Tiny()
         trainer.validate(fresh, loaders()[1], ckpt_path=ckpt_path, verbose=False)
         saved = mgr.restore(None, which=which.name)["state_dict"]
         assert all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)
 
 
-@pytest.mark.parametrize("plugin", ["async", "torch-io-subclass"])
+@pytest.mark.parametrize("plugin", ["async", "torch-io-subclass", "strategy-that-saves-itself"])
 def test_a_trainer_with_another_checkpoint_io_is_refused_by_name(plugin, tmp_path):
     import lightning
     from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+    from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from ckptstore import ConfigError
     from ckptstore.lightning import CkptStoreCheckpoint
@@ -260,11 +273,17 @@ def test_a_trainer_with_another_checkpoint_io_is_refused_by_name(plugin, tmp_pat
     class MyIO(TorchCheckpointIO):
         pass
 
+    class SavesItself(SingleDeviceStrategy):  # as DeepSpeed and sharded FSDP do: no CheckpointIO involved
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            raise AssertionError("never reached")
+
     checkpoint = CkptStoreCheckpoint(str(tmp_path / "root"), every_n_epochs=1)
-    io = AsyncCheckpointIO(checkpoint.io) if plugin == "async" else MyIO()
+    extra = {"plugins": [AsyncCheckpointIO(checkpoint.io) if plugin == "async" else MyIO()]} if plugin != "strategy-that-saves-itself" \
+        else {"strategy": SavesItself(device="cpu")}
     trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=[checkpoint], plugins=[io])
-    expected = "pass CkptStoreCheckpoint\\(..., background=True\\)" if plugin == "async" else "checkpoints through MyIO"
+                                enable_model_summary=False, callbacks=[checkpoint], **extra)
+    expected = {"async": "pass CkptStoreCheckpoint\\(..., background=True\\)", "torch-io-subclass": "checkpoints through MyIO",
+                "strategy-that-saves-itself": "SavesItself writes checkpoints itself, not through a CheckpointIO"}[plugin]
     with pytest.raises(ConfigError, match=expected):
         trainer.fit(Tiny(), *loaders())
     assert not (tmp_path / "root").exists() or CheckpointManager(str(tmp_path / "root")).checkpoints() == []
