@@ -57,6 +57,8 @@ def test_retention_keeps_the_best_and_last_and_leaves_nothing_behind(store, tmp_
     for step, loss in [(1, 0.3), (2, 0.1), (3, 0.4), (4, 0.5)]:
         mgr.save_folder(framework_folder(tmp_path / f"c{step}", step), step=step, metrics={"loss": loss})
     assert [c.step for c in mgr.checkpoints()] == [2, 4]
+    manifest = json.loads(open_storage(store.url, store.storage_options).read("step_00000004/manifest.json"))
+    assert manifest["monitor"] == {"metric": "loss", "mode": "min"}  # a tool listing the root can mark the best
     listed = open_storage(store.url, store.storage_options).list_files()
     assert {p.split("/")[0] for p in listed} == {"step_00000002", "step_00000004"}
     if store.kind in ("local", "file"):  # the pruned folders' subfolders went too
@@ -152,3 +154,28 @@ def test_tools_name_a_folder_checkpoint_and_read_its_files(store, tmp_path, caps
         assert main(["ls", store.url]) == 0 and " folder " in capsys.readouterr().out
         assert main(["verify", store.url]) == 0
         assert main(["inspect", info.url]) != 0 and "is a folder checkpoint" in capsys.readouterr().err
+
+
+def test_files_stream_in_bounded_pieces_and_land_beside_the_destination(store, tmp_path, monkeypatch):
+    """A big file is never read whole (its chunks are at most CHUNK_BYTES), and the download's temporary
+    folder is a sibling of the destination (one filesystem: the final rename is atomic), even a new, deep one."""
+    from ckptstore import folders
+    from ckptstore.serializers import CHUNK_BYTES
+
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(os.urandom(2 * CHUNK_BYTES + 123))
+    written: list[int] = []
+    real_write = folders.ChecksumWriter.write
+    monkeypatch.setattr(folders.ChecksumWriter, "write", lambda self, data: written.append(len(data)) or real_write(self, data))
+    mgr = manager(store)
+    mgr.save_folder(src, step=1)
+    assert sum(written) == 2 * CHUNK_BYTES + 123 and max(written) <= CHUNK_BYTES
+    landed: list[Path] = []
+    real_read = folders.read_checked
+    monkeypatch.setattr(folders, "read_checked", lambda source, crc, copy_to: landed.append(Path(copy_to.name))
+                        or real_read(source, crc, copy_to=copy_to))
+    dest = tmp_path / "deep" / "er" / "checkpoint-1"  # its parents do not exist yet
+    mgr.restore_folder(dest)
+    assert (dest / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+    assert [p.parent.parent for p in landed] == [dest.parent]  # <dest's folder>/<temporary>/weights.bin
