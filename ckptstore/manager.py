@@ -661,7 +661,7 @@ class CheckpointManager:
         ``which`` as for :meth:`restore`: "latest" falls back to the one before while a file
         fails its check, and is None when the root has no checkpoint. ``dest`` appears whole,
         every file checked against its size and CRC32C, or not at all (each rank downloads
-        its own copy).
+        its own copy: in a job, give each rank its own ``dest``).
 
         Raises:
             ConfigError: ``dest`` exists and is not an empty folder, or the checkpoint is not a folder.
