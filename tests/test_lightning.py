@@ -102,6 +102,7 @@ def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
     assert [c.step for c in CheckpointManager(root).checkpoints()][-1] == TOTAL_STEPS  # the last save committed at the end
 
 
+@pytest.mark.long  # make test-long (9 s): the fallback itself is the manager's, shown on every store in make test
 def test_last_skips_a_damaged_checkpoint_and_says_so(uninterrupted, tmp_path):
     root = tmp_path / "root"
     victim = subprocess.Popen(command(str(root), {}, tmp_path / "run.pt", hang_at=HANG_AT + 2))
