@@ -85,6 +85,7 @@ def test_a_killed_trainer_resumes_from_last_bit_identical(process_store, kill, u
     assert [c.step for c in mgr.checkpoints()] == kept_by_policy(saves)
 
 
+@pytest.mark.long  # make test-long (10 s): make test keeps its margin under 15 minutes
 def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
     """background=True: the manager writes while training goes on; a SIGKILLed job resumes exactly all the same."""
     root, out = str(tmp_path / "root"), tmp_path / "run.pt"

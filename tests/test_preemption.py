@@ -141,6 +141,16 @@ def check_final_save_and_resume(store, lines: list[str], notice: str) -> None:
     assert first[0] == f"resuming at step {saved + 1}"
 
 
+# make test: local disk and S3; file:// and GCS (the same code paths, 8 s each) in make test-long
+STORES = [
+    pytest.param("local", id="local"),
+    pytest.param("s3", id="s3", marks=pytest.mark.remote),
+    pytest.param("file", id="file", marks=pytest.mark.long),
+    pytest.param("gcs", id="gcs", marks=[pytest.mark.remote, pytest.mark.long]),
+]
+
+
+@pytest.mark.parametrize("process_store", STORES, indirect=True)
 def test_sigterm_saves_the_step_it_stopped_at_and_the_run_resumes_from_it(process_store):
     proc = start_training(process_store, "--clouds", "")
     before = run_until_step(proc, 6)
@@ -151,6 +161,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_run_resumes_from_it(proces
     check_final_save_and_resume(process_store, lines, "SIGTERM")
 
 
+@pytest.mark.parametrize("process_store", STORES, indirect=True)
 def test_an_aws_spot_notice_saves_and_the_run_resumes_from_it(process_store):
     with FakeMetadata() as meta:
         proc = start_training(process_store, "--clouds", "aws", "--metadata-endpoints", json.dumps({"aws": meta.url}))
