@@ -135,6 +135,8 @@ def test_a_lost_commit_reply_still_commits(remote_store, proxy):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("remote_store", [pytest.param("s3", marks=pytest.mark.remote),  # gcs: 16 s more, make test-long
+                                          pytest.param("gcs", marks=[pytest.mark.remote, pytest.mark.long])], indirect=True)
 def test_saves_with_replies_lost_at_random(remote_store, proxy):
     """12 saves (6 on gcs, whose retries back off 1-2 s each), keep_last=3, each create-only
     reply lost with probability 0.5 (seeded).

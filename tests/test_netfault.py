@@ -143,6 +143,8 @@ def error_rules(kind: str) -> list[Rule]:
     ]
 
 
+@pytest.mark.parametrize("remote_store", [pytest.param("s3", marks=pytest.mark.remote),  # gcs: 10 s more, make test-long
+                                          pytest.param("gcs", marks=[pytest.mark.remote, pytest.mark.long])], indirect=True)
 def test_a_save_and_a_restore_ride_out_error_statuses(remote_store, caplog: Any):
     """503 SlowDown, 500 and 429 on the data file's upload and download: retried by the client
     libraries (botocore, gcsfs), so the save commits and the restore is bit-identical."""
