@@ -54,7 +54,6 @@ class CkptStoreCallback(TrainerCallback):
 
     def __init__(self, root: str | os.PathLike[str], *, monitor: str | None = None, **manager_options: Any) -> None:
         self.manager = CheckpointManager(root, monitor=monitor, distributed=False, **manager_options)
-        self.monitor = monitor
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Commit ``output_dir/checkpoint-<step>``, which the Trainer has just written whole."""
@@ -64,7 +63,7 @@ class CkptStoreCallback(TrainerCallback):
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         folder = os.path.join(str(args.output_dir), name)
-        self.manager.save_folder(folder, step=state.global_step, metrics=_metrics_at(state, self.monitor), name=name)
+        self.manager.save_folder(folder, step=state.global_step, metrics=_metrics_at(state, self.manager.policy.monitor), name=name)
 
     def resume_path(self, local_dir: str | os.PathLike[str] | None = None) -> str | None:
         """:func:`resume_path` through this callback's manager, which then remembers a damaged checkpoint it

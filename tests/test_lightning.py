@@ -38,6 +38,18 @@ def uninterrupted(tmp_path_factory):
     return torch.load(tmp / "ref.pt", weights_only=True)
 
 
+def start_and_stop(cmd: list[str], out: Path, step: int, how: signal.Signals = signal.SIGKILL) -> None:
+    """Run a lightning_worker job until it reports it hangs after ``step``, then send it ``how`` and wait for it."""
+    victim = subprocess.Popen(cmd)
+    hanging = Path(f"{out}.hanging")
+    deadline = time.monotonic() + 240
+    while not hanging.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hanging.exists(), f"the job never reached step {step} (exit code {victim.poll()})"
+    victim.send_signal(how)
+    victim.wait(timeout=120)
+
+
 def kept_by_policy(saves: list[dict]) -> list[int]:
     """keep_last=2, keep_best=1 by the highest val_loss (ties: the newer), over every save of both processes."""
     newest = sorted(s["step"] for s in saves)[-2:]
@@ -62,14 +74,7 @@ KILLS = [
 def test_a_killed_trainer_resumes_from_last_bit_identical(process_store, kill, uninterrupted, tmp_path):
     opts = process_store.storage_options
     out = tmp_path / "run.pt"
-    victim = subprocess.Popen(command(process_store.url, opts, out, hang_at=HANG_AT))
-    hanging = Path(f"{out}.hanging")
-    deadline = time.monotonic() + 240
-    while not hanging.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert hanging.exists(), f"the job never reached step {HANG_AT} (exit code {victim.poll()})"
-    victim.send_signal(getattr(signal, kill))  # mid-epoch
-    victim.wait(timeout=120)
+    start_and_stop(command(process_store.url, opts, out, hang_at=HANG_AT), out, HANG_AT, getattr(signal, kill))  # mid-epoch
     mgr = CheckpointManager(process_store.url, storage_options=opts)
     # SIGKILL: the newest is the save before; SIGTERM: the callback saved this step before Lightning stopped
     assert mgr.latest().step == (HANG_AT - 2 if kill == "SIGKILL" else HANG_AT)
@@ -89,13 +94,7 @@ def test_a_killed_trainer_resumes_from_last_bit_identical(process_store, kill, u
 def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
     """background=True: the manager writes while training goes on; a SIGKILLed job resumes exactly all the same."""
     root, out = str(tmp_path / "root"), tmp_path / "run.pt"
-    victim = subprocess.Popen(command(root, {}, out, hang_at=HANG_AT, background=True))
-    deadline = time.monotonic() + 240
-    while not Path(f"{out}.hanging").exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert Path(f"{out}.hanging").exists(), f"the job never reached step {HANG_AT} (exit code {victim.poll()})"
-    victim.kill()
-    victim.wait(timeout=60)
+    start_and_stop(command(root, {}, out, hang_at=HANG_AT, background=True), out, HANG_AT)
     assert CheckpointManager(root).latest().step == HANG_AT - 2
     subprocess.run(command(root, {}, out, resume=True, background=True), check=True, timeout=300)
     resumed = torch.load(out, weights_only=True)
@@ -106,13 +105,7 @@ def test_background_saves_resume_bit_identical(uninterrupted, tmp_path):
 @pytest.mark.long  # make test-long (9 s): the fallback itself is the manager's, shown on every store in make test
 def test_last_skips_a_damaged_checkpoint_and_says_so(uninterrupted, tmp_path):
     root = tmp_path / "root"
-    victim = subprocess.Popen(command(str(root), {}, tmp_path / "run.pt", hang_at=HANG_AT + 2))
-    deadline = time.monotonic() + 240
-    while not Path(f"{tmp_path}/run.pt.hanging").exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert Path(f"{tmp_path}/run.pt.hanging").exists(), f"the job never reached step {HANG_AT + 2} (exit code {victim.poll()})"
-    victim.kill()
-    victim.wait(timeout=60)
+    start_and_stop(command(str(root), {}, tmp_path / "run.pt", hang_at=HANG_AT + 2), tmp_path / "run.pt", HANG_AT + 2)
     mgr = CheckpointManager(str(root))
     newest = mgr.latest()
     assert newest.step == HANG_AT and len(mgr.checkpoints()) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 
@@ -23,6 +24,7 @@ from ckptstore import (
 from ckptstore.partial import LoadReport
 from ckptstore.transfer import SourceTensor, Transfer
 from ckptstore.storage import FsspecStorage, open_storage
+from test_foreign_files import put, torch_bytes
 
 
 def pretrained() -> nn.Module:
@@ -496,20 +498,6 @@ def test_requests_are_fetched_in_batches_of_at_most_max_buffer_bytes(monkeypatch
 
 
 # -- survivors of the mutation sample ending in 7 (docs/mutation.md) -------------------------------------
-def _put(store, name: str, data: bytes) -> str:
-    storage = open_storage(store.url, store.storage_options)
-    storage.makedirs()
-    with storage.open_write(name) as f:
-        f.write(data)
-    return storage.url(name)
-
-
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def test_a_checkpoint_folder_is_never_listed_for_a_shard_index(store, monkeypatch):
     """Its manifest says what it is: a listing for *.index.json would be a wasted round trip (a LIST on S3)."""
     info = CheckpointManager(store.url, storage_options=store.storage_options).save({"model": {"w": torch.ones(3)}}, step=1)
@@ -524,7 +512,7 @@ def test_a_checkpoint_folder_is_never_listed_for_a_shard_index(store, monkeypatc
 def test_a_torch_file_named_safetensors_loads_by_its_content(store):
     """The name suggested no zip directory to fetch with the first bytes: the planner fetches it then."""
     w = torch.arange(50_000.0)  # 200 kB: the zip's directory is past the first read
-    url = _put(store, "misnamed.safetensors", _torch_bytes({"w": w}))
+    url = put(store, "misnamed.safetensors", torch_bytes({"w": w}))
     target = {"w": torch.zeros(50_000)}
     assert load_partial(url, target, storage_options=store.storage_options).loaded == ["w"]
     assert torch.equal(target["w"], w)
@@ -533,10 +521,10 @@ def test_a_torch_file_named_safetensors_loads_by_its_content(store):
 def test_a_sharded_load_counts_the_requests_of_every_shard(store):
     """report.requests adds up over the shards it read (it was once reset by each shard's first read)."""
     first, second = {"a": torch.arange(20_000.0)}, {"b": torch.arange(30_000.0)}
-    _put(store, "idx/pytorch_model-00001-of-00002.bin", _torch_bytes(first))
-    _put(store, "idx/pytorch_model-00002-of-00002.bin", _torch_bytes(second))
+    put(store, "idx/pytorch_model-00001-of-00002.bin", torch_bytes(first))
+    put(store, "idx/pytorch_model-00002-of-00002.bin", torch_bytes(second))
     index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
-    _put(store, "idx/pytorch_model.bin.index.json", __import__("json").dumps(index).encode())
+    put(store, "idx/pytorch_model.bin.index.json", json.dumps(index).encode())
     url, opts = store.join("idx"), store.storage_options
     only_a = load_partial(url, {"a": torch.zeros(20_000)}, storage_options=opts)
     only_b = load_partial(url, {"b": torch.zeros(30_000)}, storage_options=opts)
@@ -549,7 +537,7 @@ def test_a_sharded_load_counts_the_requests_of_every_shard(store):
 def test_a_module_on_the_meta_device_is_filled_on_the_device_asked_for(store):
     """A model built on meta (no memory) gets real tensors where device= says, every one of them."""
     source = nn.Linear(4, 3)
-    url = _put(store, "w.safetensors", safetensors.torch.save(source.state_dict()))
+    url = put(store, "w.safetensors", safetensors.torch.save(source.state_dict()))
     with torch.device("meta"):
         target = nn.Linear(4, 3)
     report = load_partial(url, target, device="cpu", storage_options=store.storage_options)
